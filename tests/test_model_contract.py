@@ -1,0 +1,93 @@
+"""The backbone and heads carry exactly the released checkpoint layout (DESIGN.md)."""
+import pytest
+import torch
+
+from titan import build_backbone, build_head
+
+
+def contract_backbone(depths, dims):
+    """Expected {key: shape}, written from the DESIGN contract, not from the model."""
+    k = {"preproc.srm_kernel": (3, 1, 3, 3),
+         "downsamples.0.0.weight": (dims[0], 9, 4, 4), "downsamples.0.0.bias": (dims[0],),
+         "downsamples.0.1.norm.weight": (dims[0],), "downsamples.0.1.norm.bias": (dims[0],)}
+    for i in range(1, 4):
+        k[f"downsamples.{i}.0.norm.weight"] = (dims[i - 1],)
+        k[f"downsamples.{i}.0.norm.bias"] = (dims[i - 1],)
+        k[f"downsamples.{i}.1.weight"] = (dims[i], dims[i - 1], 2, 2)
+        k[f"downsamples.{i}.1.bias"] = (dims[i],)
+    for i, (depth, d) in enumerate(zip(depths, dims)):
+        for j in range(depth):
+            p = f"stages.{i}.{j}."
+            k[p + "dwconv.weight"] = (d, 1, 7, 7)
+            k[p + "dwconv.bias"] = (d,)
+            k[p + "norm.weight"] = (d,)
+            k[p + "norm.bias"] = (d,)
+            k[p + "pwconv1.weight"] = (4 * d, d)
+            k[p + "pwconv1.bias"] = (4 * d,)
+            k[p + "grn.gamma"] = (1, 1, 1, 4 * d)
+            k[p + "grn.beta"] = (1, 1, 1, 4 * d)
+            k[p + "pwconv2.weight"] = (d, 4 * d)
+            k[p + "pwconv2.bias"] = (d,)
+    k["norm.weight"] = (dims[-1],)
+    k["norm.bias"] = (dims[-1],)
+    return k
+
+
+@pytest.mark.parametrize("variant,depths", [("v42", (3, 3, 12, 3)), ("v38", (3, 3, 9, 3))])
+def test_backbone_state_dict_matches_release_layout(variant, depths):
+    sd = build_backbone(variant).state_dict()
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    assert got == contract_backbone(depths, (96, 192, 384, 768))
+
+
+def test_small_variant_is_built_by_the_same_code():
+    sd = build_backbone("atto").state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == contract_backbone((2, 2, 6, 2), (40, 80, 160, 320))
+
+
+def test_linear_head_keys_and_probability():
+    head = build_head("linear").eval()
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {"head.1.weight": (1, 768), "head.1.bias": (1,)}
+    assert isinstance(head.head[0], torch.nn.Dropout) and head.head[0].p == 0.25
+    f = torch.randn(4, 768)
+    expected = torch.sigmoid(f @ head.head[1].weight.T + head.head[1].bias).squeeze(1)
+    assert torch.allclose(head.predict_proba(f), expected, atol=1e-6)
+
+
+def test_arcface_head_keys_and_probability():
+    head = build_head("arcface").eval()
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {
+        "weight": (2, 768), "aux_head.weight": (2, 768), "aux_head.bias": (2,)}
+    f = torch.randn(5, 768)
+    ln = torch.nn.functional.layer_norm(f, (768,))
+    cos = torch.nn.functional.normalize(ln) @ torch.nn.functional.normalize(head.weight).T
+    expected = torch.softmax(30 * cos, dim=1)[:, 1]
+    assert torch.allclose(head.predict_proba(f), expected, atol=1e-5)
+    # The single logit is the same decision: sigmoid(logit) == softmax class 1.
+    assert torch.allclose(torch.sigmoid(head(f)), expected, atol=1e-5)
+
+
+def test_drop_path_is_off_by_default_and_optional():
+    m = build_backbone("atto").train()
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(m(x), m(x))  # deterministic: no stochastic depth by default
+    m2 = build_backbone("atto", drop_path_rate=0.5).train()
+    m2.load_state_dict(m.state_dict())
+    outs = {tuple(m2(x).flatten()[:4].tolist()) for _ in range(4)}
+    assert len(outs) > 1
+
+
+def test_forward_shapes_and_backward_on_small_variant():
+    m, head = build_backbone("atto"), build_head("linear", 320)
+    x = torch.rand(2, 3, 128, 128, requires_grad=True)
+    logit = head(m(x))
+    assert logit.shape == (2,)
+    logit.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_unknown_variant_and_head_are_errors():
+    with pytest.raises(ValueError, match="unknown backbone variant"):
+        build_backbone("v99")
+    with pytest.raises(ValueError, match="unknown head"):
+        build_head("softmax")

@@ -1,0 +1,137 @@
+"""Safe checkpoint loading and atomic saving.
+
+Everything loads with ``torch.load(weights_only=True)``; there is no unsafe fallback. Our own
+files are ``{"model": state_dict, "meta": {...plain types...}}``; released files are raw state
+dicts, possibly nested under ``"model"``/``"state_dict"`` and prefixed by ``module.`` (DDP) or
+``_orig_mod.`` (torch.compile).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+_PREFIXES = ("module.", "_orig_mod.")
+_NESTS = ("model", "state_dict", "model_state_dict")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file could not be read, or does not fit the model."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save through a temp file + os.replace."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike, **meta: Any) -> Path:
+    """Save ``{"model": state_dict, "meta": meta}``; meta must be plain types (weights_only)."""
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    sd = {strip_prefixes(k): v.detach().cpu() for k, v in sd.items()}
+    return save_atomic({"model": sd, "meta": dict(meta)}, path)
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True, errors naming the file and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty (an interrupted copy or save?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused — it holds objects other than tensors and plain containers, which "
+            f"weights_only loading does not unpickle ({str(e).splitlines()[0]}). Re-save only the "
+            f"state dict (torch.save(model.state_dict(), path)) from code you trust."
+        ) from None
+    except Exception as e:  # zip/pickle corruption surfaces as many types
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state dict inside ``obj`` and normalise its keys."""
+    while isinstance(obj, Mapping):
+        nested = next((obj[k] for k in _NESTS if k in obj and isinstance(obj[k], Mapping)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: not a state dict — non-tensor entries {bad[:5]}")
+    return {strip_prefixes(str(k)): v for k, v in obj.items()}
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return unwrap_state_dict(load_file(path), str(path))
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Metadata of one of our checkpoints ({} for a raw state dict), without building a model."""
+    obj = load_file(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping):
+        return dict(obj["meta"])
+    if isinstance(obj, Mapping) and obj and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)  # a plain meta file such as v42_meta_fold{k}.pth
+    return {}
+
+
+def compare_keys(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrongly shaped 'key: file shape vs model shape')."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    return missing, unexpected, shapes
+
+
+def load_into(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Load a file (or a state dict) into ``model``; on a mismatch list every offending key."""
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    sd = load_state_dict(source) if not isinstance(source, Mapping) else unwrap_state_dict(source, name)
+    missing, unexpected, shapes = compare_keys(model, sd)
+    if shapes or (strict and (missing or unexpected)):
+        def show(title, keys):
+            return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" …" if len(keys) > 20 else "") if keys else ""
+        raise CheckpointError(
+            f"{name} does not fit {type(model).__name__}:" + show("missing", missing) + show("unexpected", unexpected)
+            + show("wrong shape", shapes) + "\n  Is it the right variant/head for this file?"
+        )
+    model.load_state_dict(sd, strict=strict)
+    return model

@@ -1,0 +1,141 @@
+"""Typed configs with the README defaults, named presets, and strict overrides.
+
+One source of truth: scripts expose every field as ``--field value`` (and ``--set field=value``),
+unknown or mistyped overrides are errors, and ``asdict`` gives plain types for checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+
+@dataclass
+class TrainConfig:
+    # data (README layout)
+    faces_dir: str = "data/faces_512"
+    train_csv: str = "train_diamond.csv"
+    fallback_csv: str = "data/dataset/train_solution.csv"
+    out_dir: str = "."
+    skip_missing: bool = False
+    # model
+    variant: str = "v42"
+    head: str = "linear"
+    img_size: int = 512
+    dropout: float = 0.25
+    drop_path: float = 0.0
+    # schedule
+    batch_size: int = 8
+    accum_steps: int = 4
+    num_workers: int = 4
+    seed: int = 3407
+    fold_seed: int = 3407
+    # SimMIM
+    ssl_epochs: int = 50
+    ssl_lr: float = 5e-4
+    ssl_weight_decay: float = 0.05
+    ssl_warmup_epochs: int = 5
+    mask_patch: int = 32
+    mask_ratio: float = 0.4
+    # fine-tuning
+    n_folds: int = 5
+    ft_epochs: int = 10
+    ft_lr: float = 3e-4
+    ft_weight_decay: float = 0.05
+    ft_warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    imbalance: str = "pos_weight"  # pos_weight | sampler | none
+    # inference
+    tta: str = "identity,hflip,rot+5,rot-5"
+    infer_batch_size: int = 32
+    # speed
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    gpu_decode: bool = False
+    max_bad_steps: int = 5
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Tests and the demo: the small variant on small images for 1–2 epochs on CPU.
+    "tiny": dict(variant="atto", img_size=64, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
+                 ssl_warmup_epochs=0, mask_patch=32, ft_epochs=2, ft_warmup_epochs=0, infer_batch_size=16,
+                 tta="identity,hflip"),
+}
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    if isinstance(value, str):
+        if typ is bool:
+            v = value.strip().lower()
+            if v in ("1", "true", "yes", "on"):
+                return True
+            if v in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"config field {name!r}: {value!r} is not a boolean (true/false)")
+        try:
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"config field {name!r}: {value!r} is not a valid {typ.__name__}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"config field {name!r}: {value!r} is not a {typ.__name__}")
+    return value
+
+
+def apply_overrides(cfg, overrides: dict[str, Any]):
+    """Return a copy of ``cfg`` with overrides applied; unknown names or bad types raise."""
+    hints = get_type_hints(type(cfg))
+    out = {}
+    for k, v in overrides.items():
+        if k not in hints:
+            close = [f for f in hints if k.replace("-", "_") == f or k in f]
+            raise ValueError(f"unknown config field {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        out[k] = _coerce(k, hints[k], v)
+    return dataclasses.replace(cfg, **out)
+
+
+def make_config(cls=TrainConfig, preset: str = "default", overrides: dict[str, Any] | None = None, presets=PRESETS):
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    cfg = apply_overrides(cls(), presets[preset])
+    return apply_overrides(cfg, overrides or {})
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, presets=PRESETS) -> None:
+    """Every field as ``--field`` (default shown is the default preset's), plus ``--preset`` and ``--set``."""
+    group = parser.add_argument_group("config (any field; applied over --preset)")
+    group.add_argument("--preset", default="default", choices=sorted(presets), help="named config (default: %(default)s)")
+    group.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field (repeatable)")
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        typ = hints[f.name]
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
+                           metavar=typ.__name__.upper(), help=f"default: {f.default}")
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig, presets=PRESETS):
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    for f in fields(cls):
+        v = getattr(args, f"cfg_{f.name}", None)
+        if v is not None:
+            overrides[f.name] = v
+    return make_config(cls, args.preset, overrides, presets)
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    from .checkpoints import atomic_write
+
+    text = json.dumps(dataclasses.asdict(cfg), indent=2)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text + "\n"))
