@@ -80,3 +80,12 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temp litter
+
+
+def test_atomic_save_gives_normal_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_atomic({"a": torch.ones(1)}, tmp_path / "m.pth")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
