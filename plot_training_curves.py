@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--explain", type=int, default=0, metavar="N", help="Grad-CAM gallery of N test faces (0 = off)")
     p.add_argument("--weights-dir", default=".", help="fold weights and predictions_{prefix}.csv for --explain")
     p.add_argument("--test-dir", default="data/faces_512/test", help="test face crops for --explain")
-    p.add_argument("--img-size", type=int, default=None, help="--explain input size (default: from the fold meta)")
+    p.add_argument("--img-size", type=int, default=None, help="--explain input size (None: img_size from the fold meta)")
     p.add_argument("--device", default="cpu", help="--explain device (cpu, cuda, auto)")
     return p.parse_args(argv)
 

@@ -156,4 +156,5 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
                     items.append({"image": im, "cam": cam, "title": f"{_short(r.Id)}\nP(fake) {r.prob:.3f} → {call}"})
                 bar.update(len(chunk))
             groups.append((title, items))
-    return plot_gradcam_gallery(groups, out_path)
+    subtitle = f"{len(models)} fold(s) of {weights_dir.resolve().name}, {size}px, threshold {threshold:.3f}"
+    return plot_gradcam_gallery(groups, out_path, subtitle)

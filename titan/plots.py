@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -38,12 +40,21 @@ def run_style(i: int) -> dict:
     return {"linestyle": STYLES[i % len(STYLES)], "marker": MARKERS[i % len(MARKERS)], "markersize": 4}
 
 
+def write_readable(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """atomic_write, then the usual file mode (mkstemp's temp files are private, 0600)."""
+    path = atomic_write(path, write)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def save(fig: plt.Figure, path: str | os.PathLike, tight_layout: bool = True) -> Path:
     """Write a figure atomically (temp file + rename) and free it."""
     try:
         if tight_layout:
             fig.tight_layout()
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+        return write_readable(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -90,6 +101,7 @@ def _fold_panels(runs: Sequence[Run], path, panels: Sequence[tuple[str, str]], t
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.margins(y=0.1)  # room for the best-epoch stars at the top
         if logy:
             ax.set_yscale("log")
         extra = [Line2D([], [], marker="*", markersize=12, color="white", markeredgecolor="black",
@@ -311,14 +323,17 @@ def plot_test_histogram(runs: Sequence[Run], path: str | os.PathLike) -> Path | 
         ax.axvline(th, color=color, ls="--", lw=1.5, label=f"threshold {th:.3f}")
     ax.set(xlabel="P(fake), fold-ensemble with TTA", ylabel="test images", xlim=(0, 1),
            title=_title(runs, "Test-set probabilities"))
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # headroom for the legend
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center")
+    ax.legend(fontsize=8, loc="upper center", ncol=2 if len(data) > 1 else 1)
     return save(fig, path)
 
 
 # --- Grad-CAM gallery ------------------------------------------------------------------------------
 
-def plot_gradcam_gallery(groups: Sequence[tuple[str, Sequence[dict]]], path: str | os.PathLike) -> Path | None:
+def plot_gradcam_gallery(groups: Sequence[tuple[str, Sequence[dict]]], path: str | os.PathLike,
+                         subtitle: str = "") -> Path | None:
     """Rows = groups (title, items); each item {"image": HxWx3 uint8, "cam": HxW in [0,1], "title": str}.
 
     Each face is shown plain and with its heatmap, side by side.
@@ -330,21 +345,20 @@ def plot_gradcam_gallery(groups: Sequence[tuple[str, Sequence[dict]]], path: str
     fig, axes = plt.subplots(len(groups), 2 * cols, figsize=(2.3 * 2 * cols, 2.7 * len(groups)), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    mappable = None
     for r, (group_title, items) in enumerate(groups):
         for j, item in enumerate(items):
             a_img, a_cam = axes[r, 2 * j], axes[r, 2 * j + 1]
             a_img.imshow(item["image"])
             a_img.set_title(item["title"], fontsize=8)
             a_cam.imshow(item["image"])
-            mappable = a_cam.imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            a_cam.imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             a_cam.set_title("Grad-CAM", fontsize=8)
         axes[r, 0].text(-0.08, 0.5, group_title, transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=10, fontweight="bold")
-    if mappable is not None:
-        cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)
-        cbar.set_label("attention for the predicted class (0–1)")
-    fig.suptitle("Where the fold ensemble looks", fontsize=12)
+    cbar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)
+    cbar.set_label("Grad-CAM for the predicted class (0–1)")
+    fig.suptitle("Where the fold ensemble looks" + (f"\n{subtitle}" if subtitle else ""), fontsize=12,
+                 y=0.96 if len(groups) > 1 else 1.08)
     return save(fig, path, tight_layout=False)  # a colorbar over several axes does not mix with tight_layout
 
 

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoints import atomic_write
 from .logparse import Run, fold_table, load_runs, read_json
 from .metrics import report as metrics_report
-from .plots import plot_all
+from .plots import plot_all, write_readable
 
 log = logging.getLogger("titan")
 
@@ -102,7 +101,7 @@ def render(runs: Sequence[Run], figures: Sequence[str]) -> str:
 
 def write_report(runs: Sequence[Run], figures: Sequence[str], out_dir: str | os.PathLike) -> Path:
     text = render(runs, figures)
-    return atomic_write(Path(out_dir) / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_readable(Path(out_dir) / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def make_report(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike = "plots", prefix: str = "v42",
