@@ -18,7 +18,6 @@ import logging
 import sys
 
 from titan.checkpoints import CheckpointError
-from titan.data import ImageDecodeError
 from titan.logparse import LogError
 from titan.report import make_report
 
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
     try:
         written = make_report(args.runs, args.out, args.prefix, args.explain, args.weights_dir, args.test_dir,
                               args.img_size, args.device)
-    except (LogError, FileNotFoundError, ValueError, CheckpointError, ImageDecodeError) as e:
+    except (LogError, CheckpointError, OSError, ValueError, RuntimeError) as e:  # bad input: say so, exit 2
         print(f"plot_training_curves.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} file(s) to {args.out}: {', '.join(written)}")

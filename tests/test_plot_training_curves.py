@@ -110,3 +110,10 @@ def test_threshold_comes_from_metrics_json_else_the_folds(fake_run):
     run.metrics = None
     run.oof_record = None
     assert run.threshold() == pytest.approx(0.43)  # fold_done records of the log
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only message")
+def test_explain_on_cuda_without_a_gpu_exits_nonzero_suggesting_cpu(fake_run, tmp_path, capsys):
+    rc = plot_training_curves.main([str(fake_run), "--out", str(tmp_path / "p"), "--explain", "1", "--device", "cuda",
+                                    "--weights-dir", str(fake_run), "--test-dir", str(fake_run / "faces" / "test")])
+    assert rc == 2 and "use --device cpu" in capsys.readouterr().err

@@ -110,10 +110,11 @@ class Run:
         for src in ((self.metrics or {}).get("oof"), self.oof_record):
             if isinstance(src, dict) and _finite(src.get("threshold")):
                 return float(src["threshold"])
-        ths = [float(d["th"]) for d in self._fold_rows() if _finite(d.get("th"))]
+        ths = [float(d["th"]) for d in self.fold_rows() if _finite(d.get("th"))]
         return float(np.mean(ths)) if ths else None
 
-    def _fold_rows(self) -> list[dict[str, Any]]:
+    def fold_rows(self) -> list[dict[str, Any]]:
+        """Per-fold best-epoch metrics: metrics_{prefix}.json's, else from the log."""
         rows = (self.metrics or {}).get("folds")
         if isinstance(rows, list) and rows:
             return [r for r in rows if isinstance(r, dict)]

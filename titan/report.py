@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .logparse import Run, fold_table, load_runs, read_json
+from .logparse import Run, load_runs, read_json
 from .metrics import report as metrics_report
 from .plots import plot_all, write_readable
 
@@ -50,7 +50,7 @@ def oof_metrics(run: Run) -> dict[str, Any] | None:
 
 
 def metrics_table(run: Run) -> list[str]:
-    rows = (run.metrics or {}).get("folds") or fold_table(run)
+    rows = run.fold_rows()
     lines = ["| fold | best epoch | F1 | threshold | ROC-AUC | AP |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.get('fold', '–')} | {_fmt(r.get('best_epoch'))} | {_fmt(r.get('f1'))} | "
