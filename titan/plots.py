@@ -63,50 +63,57 @@ def _finite(values: Sequence[float]) -> bool:
     return bool(np.isfinite(np.asarray(values, dtype=float)).any())
 
 
-def _fold_legends(ax: plt.Axes, runs: Sequence[Run], folds: Sequence[int], extra: Sequence[Line2D] = ()) -> None:
-    """Colours name the folds; with several runs a second legend maps line styles to runs."""
-    handles = [Line2D([], [], color=fold_color(k), lw=2, label=f"fold {k}") for k in folds] + list(extra)
+def _fold_panel(ax: plt.Axes, runs: Sequence[Run], key: str, mark_best: bool = False) -> None:
+    """Per-fold curves of one FoldSeries attribute; colour = fold, line style = run.
+
+    Legends list only the folds and runs drawn here (the original log has no loss, AUC or LR).
+    """
+    drawn: set[tuple[int, int]] = set()
+    for i, run in enumerate(runs):
+        for k, s in sorted(run.folds.items()):
+            y = np.asarray(getattr(s, key), dtype=float)
+            if not np.isfinite(y).any():
+                continue
+            drawn.add((i, k))
+            ax.plot(s.epoch, y, color=fold_color(k), **run_style(i))
+            best = s.best()
+            if mark_best and best is not None and np.isfinite(s.at(best, key)):
+                ax.plot([best], [s.at(best, key)], marker="*", markersize=15, color=fold_color(k),
+                        markeredgecolor="black", linestyle="none", zorder=5)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.margins(y=0.1)  # room for the best-epoch stars at the top
+    handles = [Line2D([], [], color=fold_color(k), lw=2, label=f"fold {k}") for k in sorted({k for _, k in drawn})]
+    if mark_best:
+        handles.append(Line2D([], [], marker="*", markersize=12, color="white", markeredgecolor="black",
+                              linestyle="none", label="best epoch"))
     first = ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85)
-    if len(runs) > 1:
+    shown = sorted({i for i, _ in drawn})
+    if len(runs) > 1:  # line styles → runs, above the panel
         ax.add_artist(first)
-        ax.legend(handles=[Line2D([], [], color="0.2", **run_style(i), label=r.name) for i, r in enumerate(runs)],
-                  loc="lower center", bbox_to_anchor=(0.5, 1.02), ncol=min(len(runs), 3), fontsize=8, frameon=False)
+        ax.legend(handles=[Line2D([], [], color="0.2", **run_style(i), label=runs[i].name) for i in shown],
+                  loc="lower center", bbox_to_anchor=(0.5, 1.02), ncol=min(len(shown), 3), fontsize=8, frameon=False)
 
 
 def _title(runs: Sequence[Run], what: str) -> str:
     return f"{what} — {runs[0].name}" if len(runs) == 1 else what
 
 
+def _has_fold_series(runs: Sequence[Run], key: str) -> bool:
+    return any(_finite(getattr(s, key)) for r in runs for s in r.folds.values())
+
+
 def _fold_panels(runs: Sequence[Run], path, panels: Sequence[tuple[str, str]], title: str,
-                 mark_best: bool = False, logy: bool = False) -> Path | None:
-    """One panel per (FoldSeries attribute, y label); a fold's curve per run, optional best-epoch star."""
-    panels = [(key, label) for key, label in panels
-              if any(_finite(getattr(s, key)) for r in runs for s in r.folds.values())]
+                 mark_best: bool = False) -> Path | None:
+    """One panel per (FoldSeries attribute, y label) that some run has."""
+    panels = [(key, label) for key, label in panels if _has_fold_series(runs, key)]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
-    folds = sorted({k for r in runs for k in r.folds})
     for ax, (key, label) in zip(axes[0], panels):
-        for i, run in enumerate(runs):
-            for k, s in sorted(run.folds.items()):
-                y = np.asarray(getattr(s, key), dtype=float)
-                if not np.isfinite(y).any():
-                    continue
-                ax.plot(s.epoch, y, color=fold_color(k), **run_style(i))
-                best = s.best()
-                if mark_best and best is not None and np.isfinite(s.at(best, key)):
-                    ax.plot([best], [s.at(best, key)], marker="*", markersize=15, color=fold_color(k),
-                            markeredgecolor="black", linestyle="none", zorder=5)
-        ax.set_xlabel("fine-tuning epoch")
+        _fold_panel(ax, runs, key, mark_best)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.margins(y=0.1)  # room for the best-epoch stars at the top
-        if logy:
-            ax.set_yscale("log")
-        extra = [Line2D([], [], marker="*", markersize=12, color="white", markeredgecolor="black",
-                        linestyle="none", label="best epoch")] if mark_best else []
-        _fold_legends(ax, runs, folds, extra)
     fig.suptitle(_title(runs, title), y=1.0 if len(runs) == 1 else 1.06)
     return save(fig, path)
 
@@ -142,7 +149,7 @@ def plot_val_metrics(runs: Sequence[Run], path: str | os.PathLike) -> Path | Non
 
 def plot_lr(runs: Sequence[Run], path: str | os.PathLike) -> Path | None:
     has_ssl = [r for r in runs if _finite(r.ssl_lr)]
-    has_ft = any(_finite(s.lr) for r in runs for s in r.folds.values())
+    has_ft = _has_fold_series(runs, "lr")
     if not has_ssl and not has_ft:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12.4, 4.4))
@@ -150,22 +157,19 @@ def plot_lr(runs: Sequence[Run], path: str | os.PathLike) -> Path | None:
     for i, run in enumerate(runs):
         if _finite(run.ssl_lr):
             ax.plot(run.ssl_epoch, run.ssl_lr, color=f"C{i % 10}", label=run.name, **run_style(i))
-    ax.set_title("SimMIM pretraining")
+    ax.set_title("SimMIM pretraining", pad=24 if len(runs) > 1 else 6)
     if has_ssl:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no SSL learning rate logged", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("SSL epoch")
-    folds = sorted({k for r in runs for k, s in r.folds.items() if _finite(s.lr)})
     ax = axes[1]
-    for i, run in enumerate(runs):
-        for k, s in sorted(run.folds.items()):
-            if _finite(s.lr):
-                ax.plot(s.epoch, s.lr, color=fold_color(k), **run_style(i))
-    ax.set_title("fine-tuning")
-    ax.set_xlabel("fine-tuning epoch")
+    ax.set_title("fine-tuning", pad=24 if len(runs) > 1 else 6)  # leave room for the run legend
     if has_ft:
-        _fold_legends(ax, runs, folds)
+        _fold_panel(ax, runs, "lr")
+    else:
+        ax.text(0.5, 0.5, "no fine-tuning learning rate logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("fine-tuning epoch")
     for ax in axes:
         ax.set_ylabel("learning rate")
         ax.grid(alpha=0.3)
@@ -317,8 +321,9 @@ def plot_test_histogram(runs: Sequence[Run], path: str | os.PathLike) -> Path | 
         th = run.threshold()
         th = 0.5 if th is None else th
         n_fake = int((p >= th).sum())
-        ax.hist(p, bins=bins, color=color, alpha=0.35 if len(data) == 1 else 0.0, edgecolor=color,
-                histtype="stepfilled" if len(data) == 1 else "step", lw=1.8,
+        one = len(data) == 1  # one run: filled bars; several: outlines that stay visible when overlaid
+        ax.hist(p, bins=bins, color=color, alpha=0.4 if one else 1.0, edgecolor=color,
+                histtype="stepfilled" if one else "step", lw=1.8,
                 label=f"{run.name}: {len(p)} images, {n_fake} ≥ threshold")
         ax.axvline(th, color=color, ls="--", lw=1.5, label=f"threshold {th:.3f}")
     ax.set(xlabel="P(fake), fold-ensemble with TTA", ylabel="test images", xlim=(0, 1),
