@@ -82,5 +82,8 @@ def test_pick_examples_takes_confident_fakes_confident_reals_and_the_most_uncert
     assert list(groups["most confident fakes"].Id) == ["a", "d", "g"]
     assert list(groups["most confident reals"].Id) == ["b", "e"]
     assert list(groups["most uncertain"].Id) == ["c", "f"]
+    # an unusable face is replaced by the next in rank; an Id is never in two groups
+    groups = dict(pick_examples(preds, 3, threshold=0.5, usable=lambda i: i not in ("a", "b")))
+    assert [list(groups[g].Id) for g in groups] == [["d"], ["e"], ["c"]]
     with pytest.raises(ValueError, match="positive number"):
         pick_examples(preds, 0, 0.5)

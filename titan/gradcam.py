@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoints import read_meta
-from .data import ImageIndex, check_id, decode_image, square_resize, to_chw_uint8
+from .data import ImageDecodeError, ImageIndex, check_id, decode_image, square_resize, to_chw_uint8
 from .ensemble import Fold, FoldModel, find_folds, load_fold, resolve_device
+from .logparse import read_prob_csv
 
 log = logging.getLogger("titan")
 
@@ -68,17 +70,31 @@ def gradcam(models: Sequence[FoldModel], x: torch.Tensor, explain_fake: torch.Te
 GROUPS = ("most confident fakes", "most confident reals", "most uncertain")
 
 
-def pick_examples(predictions: pd.DataFrame, n: int, threshold: float) -> list[tuple[str, pd.DataFrame]]:
-    """Split ``n`` test images over the three groups (fakes, reals, near the threshold), no repeats."""
+def pick_examples(predictions: pd.DataFrame, n: int, threshold: float,
+                  usable: Callable[[str], bool] = lambda _id: True) -> list[tuple[str, pd.DataFrame]]:
+    """Split ``n`` test images over the three groups (fakes, reals, nearest the threshold), no repeats.
+
+    ``usable(Id)`` is asked in rank order, so an unreadable face is replaced by the next in line.
+    """
     if n < 1:
         raise ValueError(f"--explain needs a positive number of images, got {n}")
     sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
     p = predictions.assign(margin=(predictions["prob"] - threshold).abs())
-    fakes = p[p["prob"] >= threshold].sort_values("prob", ascending=False, kind="mergesort").head(sizes[0])
-    reals = p[p["prob"] < threshold].sort_values("prob", ascending=True, kind="mergesort").head(sizes[1])
-    rest = p[~p["Id"].isin(set(fakes["Id"]) | set(reals["Id"]))]
-    unsure = rest.sort_values("margin", kind="mergesort").head(sizes[2])
-    return list(zip(GROUPS, (fakes, reals, unsure)))
+    ranked = (p[p["prob"] >= threshold].sort_values("prob", ascending=False, kind="mergesort"),
+              p[p["prob"] < threshold].sort_values("prob", ascending=True, kind="mergesort"),
+              p.sort_values("margin", kind="mergesort"))
+    taken: set[str] = set()
+    out = []
+    for title, size, df in zip(GROUPS, sizes, ranked):
+        rows = []
+        for i, image_id in zip(df.index, df["Id"]):
+            if len(rows) == size:
+                break
+            if image_id not in taken and usable(image_id):
+                taken.add(image_id)
+                rows.append(i)
+        out.append((title, df.loc[rows]))
+    return out
 
 
 def _short(image_id: str, width: int = 18) -> str:
@@ -115,10 +131,7 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
     if not pred_path.is_file():
         raise FileNotFoundError(f"--explain: {pred_path} not found; it picks the faces to explain "
                                 f"(written by train_v42_diamond.py's inference)")
-    preds = pd.read_csv(pred_path, dtype={"Id": str})
-    if not {"Id", "prob"} <= set(preds.columns):
-        raise ValueError(f"{pred_path}: expected columns Id,prob; found {list(preds.columns)}")
-    preds = preds.assign(Id=preds["Id"].astype(str), prob=pd.to_numeric(preds["prob"], errors="coerce")).dropna(subset=["prob"])
+    preds = read_prob_csv(pred_path, ("Id", "prob"))
     for i, s in enumerate(preds["Id"]):
         check_id(s, f"{pred_path} line {i + 2}: ")
     dev = resolve_device(device)
@@ -133,25 +146,35 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
     index = ImageIndex(test_dir)
     log.info("Grad-CAM: %d fold(s) from %s, %dpx, threshold %.3f, faces from %s", len(models), weights_dir, size, threshold, test_dir)
 
-    picked = pick_examples(preds[preds["Id"].isin(index.paths)], n, threshold)
     absent = int((~preds["Id"].isin(index.paths)).sum())
     if absent:
         log.warning("%d Id(s) of %s have no image in %s and were not considered", absent, pred_path, test_dir)
+    images: dict[str, np.ndarray] = {}
+
+    def readable(image_id: str) -> bool:  # decodes once; a bad face is named and replaced by the next
+        try:
+            images[image_id] = square_resize(decode_image(index.path(image_id)), size)
+            return True
+        except ImageDecodeError as e:
+            log.warning("Grad-CAM: skipped %s", e)
+            return False
+
+    with logging_redirect_tqdm():
+        picked = pick_examples(preds[preds["Id"].isin(index.paths)], n, threshold, readable)
     total = sum(len(df) for _, df in picked)
     if total == 0:
-        raise FileNotFoundError(f"--explain: none of the Ids in {pred_path} has an image in {test_dir}")
+        raise FileNotFoundError(f"--explain: no readable face in {test_dir} for the Ids of {pred_path}")
     groups = []
-    with tqdm(total=total, desc="Grad-CAM", unit="img") as bar:
+    with logging_redirect_tqdm(), tqdm(total=total, desc="Grad-CAM", unit="img") as bar:
         for title, df in picked:
+            faces = [(r, images[r.Id]) for r in df.itertuples(index=False)]
             items = []
-            rows = list(df.itertuples(index=False))
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                imgs = [square_resize(decode_image(index.path(r.Id)), size) for r in chunk]
-                x = torch.stack([to_chw_uint8(im) for im in imgs]).to(dev).float().div_(255.0)
-                explain_fake = torch.tensor([r.prob >= threshold for r in chunk])
+            for start in range(0, len(faces), batch_size):
+                chunk = faces[start:start + batch_size]
+                x = torch.stack([to_chw_uint8(im) for _, im in chunk]).to(dev).float().div_(255.0)
+                explain_fake = torch.tensor([r.prob >= threshold for r, _ in chunk])
                 cams, _ = gradcam(models, x, explain_fake, threshold)
-                for r, im, cam in zip(chunk, imgs, cams.cpu().numpy()):
+                for (r, im), cam in zip(chunk, cams.cpu().numpy()):
                     call = "fake" if r.prob >= threshold else "real"
                     items.append({"image": im, "cam": cam, "title": f"{_short(r.Id)}\nP(fake) {r.prob:.3f} → {call}"})
                 bar.update(len(chunk))

@@ -241,7 +241,8 @@ def find_logs(folder: str | os.PathLike, prefix: str = "v42") -> list[Path]:
     return []
 
 
-def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame | None:
+def read_prob_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame | None:
+    """A CSV with a ``prob`` column in [0,1] (None when absent); bad rows are an error naming their lines."""
     if not path.is_file():
         return None
     try:
@@ -290,8 +291,8 @@ def load_run(source: str | os.PathLike, prefix: str = "v42", name: str | None = 
             f"{logs[0]}: no usable lines ({run.n_bad} malformed). Expected JSON records "
             f"(event ssl_epoch / ft_epoch) or lines like 'SSL Ep 3 | Loss: 0.41' and "
             f"'Fold 2 Ep 5 | Loss: 0.21 | Val F1: 0.91 (th=0.43) | …'")
-    run.oof = _read_csv(folder / f"oof_{prefix}.csv", ("target_feature", "prob"))
-    run.predictions = _read_csv(folder / f"predictions_{prefix}.csv", ("Id", "prob"))
+    run.oof = read_prob_csv(folder / f"oof_{prefix}.csv", ("target_feature", "prob"))
+    run.predictions = read_prob_csv(folder / f"predictions_{prefix}.csv", ("Id", "prob"))
     run.metrics = read_json(folder / f"metrics_{prefix}.json")
     run.config = read_json(folder / f"config_{prefix}.json") or run.config
     if not run.has_anything:

@@ -360,8 +360,9 @@ def plot_gradcam_gallery(groups: Sequence[tuple[str, Sequence[dict]]], path: str
             a_cam.set_title("Grad-CAM", fontsize=8)
         axes[r, 0].text(-0.08, 0.5, group_title, transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=10, fontweight="bold")
-    cbar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)
-    cbar.set_label("Grad-CAM for the predicted class (0–1)")
+    cbar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes.ravel().tolist(),
+                        shrink=0.6 if len(groups) > 1 else 0.95, pad=0.02)
+    cbar.set_label("Grad-CAM, predicted class")
     fig.suptitle("Where the fold ensemble looks" + (f"\n{subtitle}" if subtitle else ""), fontsize=12,
                  y=0.96 if len(groups) > 1 else 1.08)
     return save(fig, path, tight_layout=False)  # a colorbar over several axes does not mix with tight_layout
