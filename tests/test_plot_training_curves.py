@@ -119,8 +119,8 @@ def test_explain_on_cuda_without_a_gpu_exits_nonzero_suggesting_cpu(fake_run, tm
     assert rc == 2 and "use --device cpu" in capsys.readouterr().err
 
 
-def test_unreadable_test_face_is_skipped_by_name_and_the_gallery_still_drawn(tmp_path, caplog):
-    run = make_fake_run(tmp_path / "run")
+def test_unreadable_test_face_is_skipped_by_name_and_the_gallery_still_drawn(fake_run, tmp_path, caplog):
+    run = Path(shutil.copytree(fake_run, tmp_path / "run"))
     (run / "faces" / "test" / "astronaut.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "p"
     rc = plot_training_curves.main([str(run), "--out", str(out), "--explain", "1", "--weights-dir", str(run),
