@@ -40,21 +40,12 @@ def run_style(i: int) -> dict:
     return {"linestyle": STYLES[i % len(STYLES)], "marker": MARKERS[i % len(MARKERS)], "markersize": 4}
 
 
-def write_readable(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """atomic_write, then the usual file mode (mkstemp's temp files are private, 0600)."""
-    path = atomic_write(path, write)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
-
-
 def save(fig: plt.Figure, path: str | os.PathLike, tight_layout: bool = True) -> Path:
     """Write a figure atomically (temp file + rename) and free it."""
     try:
         if tight_layout:
             fig.tight_layout()
-        return write_readable(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
     finally:
         plt.close(fig)
 

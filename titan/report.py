@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from .logparse import Run, load_runs, read_json
 from .metrics import report as metrics_report
-from .plots import plot_all, write_readable
+from .checkpoints import atomic_write
+from .plots import plot_all
 
 log = logging.getLogger("titan")
 
@@ -101,7 +102,7 @@ def render(runs: Sequence[Run], figures: Sequence[str]) -> str:
 
 def write_report(runs: Sequence[Run], figures: Sequence[str], out_dir: str | os.PathLike) -> Path:
     text = render(runs, figures)
-    return write_readable(Path(out_dir) / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(Path(out_dir) / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def make_report(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike = "plots", prefix: str = "v42",
