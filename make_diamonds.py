@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from titan.data import LabelCSVError
 from titan.pseudo import DiamondConfig, DiamondError, make_diamonds
 from titan.runlog import RunLog
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     out = Path(cfg.out)
     try:
         make_diamonds(cfg, RunLog(out.with_name(out.stem + "_log.txt")))
-    except DiamondError as e:
+    except (DiamondError, LabelCSVError) as e:
         print(f"make_diamonds: error: {e}", file=sys.stderr)
         return 2
     return 0

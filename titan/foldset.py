@@ -78,15 +78,17 @@ def load_folds(files: list[FoldFiles], variant: str | None = None, head: str | N
     for f in files:
         try:
             if f.head is None:
-                raise CheckpointError(f"{f.backbone}: no matching head file (expected "
-                                      f"{f.backbone.name.replace('backbone', 'head')})")
+                raise CheckpointError(f"no matching head file (expected {f.backbone.name.replace('backbone', 'head')})")
             fold = load_fold(f.backbone, f.head, f.meta, variant=variant or None, head=head or None)
             fold.name = f.name
             folds.append(fold)
         except Exception as e:  # noqa: BLE001 — any failure to build a fold is reported the same way
+            # Name the files: load_fold's shape errors only say "state dict".
+            files_txt = " + ".join(str(p) for p in (f.backbone, f.head) if p is not None)
+            reason = f"{f.name} ({files_txt}): " + (str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
             if strict:
-                raise e if isinstance(e, CheckpointError) else CheckpointError(f"{f.name}: {type(e).__name__}: {e}") from e
-            skipped.append((f.name, f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)))
+                raise CheckpointError(reason) from e
+            skipped.append((f.name, reason))
     return folds, skipped
 
 
