@@ -126,7 +126,7 @@ def test_test_ids_colliding_with_train_ids_is_an_error(tmp_path):
 def test_help_lists_every_flag_with_default(capsys):
     with pytest.raises(SystemExit):
         make_diamonds.parse_args(["--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for flag in ("--weights-dir", "--prefix", "--backbones", "--heads", "--variant", "--head", "--test-dir",
                  "--train-csv", "--out", "--img-size", "--hi", "--lo", "--batch-size", "--device", "--tta",
                  "--max-per-class", "--balance"):

@@ -1,0 +1,151 @@
+"""safe_inference: a full submission through broken crops, a garbage fold, OOM and missing CUDA."""
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import safe_inference
+import titan
+import titan.scoring
+from fold_fixtures import SIZE, write_images, write_v42_folds
+from titan.data import decode_image, square_resize
+from titan.ensemble import FoldModel, ensemble_probability, load_fold, tta_logits
+from titan.fallback import SafeConfig, SafeInferenceError, prior_decision, recrop, safe_inference as run
+
+GREYS = {"s_a": 20, "s_b": 90, "s_c": 160, "s_d": 230, "s_e": 120, "s_f": 60}
+
+
+def layout(tmp_path):
+    """Folds 0,1 good + fold 2 garbage; s_c's crop corrupt, s_d's crop missing (both have originals);
+    s_e's crop and original both corrupt."""
+    faces, raw = tmp_path / "data/faces_512/test", tmp_path / "data/dataset/test_images"
+    write_images(faces, {k: v for k, v in GREYS.items() if k != "s_d"}, size=SIZE)
+    write_images(raw, GREYS, size=SIZE)
+    (faces / "s_c.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (faces / "s_e.png").write_bytes(b"")
+    (raw / "s_e.png").write_bytes(b"GIF89a broken")
+    write_v42_folds(tmp_path, n=2, th=0.4)
+    (tmp_path / "v42_backbone_fold2.pth").write_bytes(b"garbage, not a zip")
+    (tmp_path / "v42_head_fold2.pth").write_bytes(b"garbage")
+    return tmp_path
+
+
+def cfg(tmp_path, **kw):
+    base = dict(weights_dir=str(tmp_path), test_dir=str(tmp_path / "data/faces_512/test"),
+                raw_test_dir=str(tmp_path / "data/dataset/test_images"), out=str(tmp_path / "submission_v42.csv"),
+                num_workers=0, progress=False)
+    return SafeConfig(**{**base, **kw})
+
+
+def expected_labels(tmp_path, views=("identity", "hflip")):
+    """The two good folds scored by hand on the constant images (crops and originals are identical)."""
+    folds = [load_fold(tmp_path / f"v42_backbone_fold{k}.pth", tmp_path / f"v42_head_fold{k}.pth",
+                       tmp_path / f"v42_meta_fold{k}.pth") for k in range(2)]
+    x = torch.stack([torch.full((3, SIZE, SIZE), v / 255.0) for v in GREYS.values()])
+    p = ensemble_probability(np.stack([tta_logits(f.model, x, list(views)).numpy() for f in folds]))
+    return dict(zip(GREYS, (p >= np.mean([0.40, 0.42])).astype(int)))
+
+
+def test_full_submission_despite_corrupt_crop_missing_crop_and_garbage_fold(tmp_path, monkeypatch):
+    layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert safe_inference.main(["--no-progress", "--num-workers", "0"]) == 0  # README defaults
+
+    sub = pd.read_csv(tmp_path / "submission_v42.csv", dtype={"Id": str})
+    assert list(sub.columns) == ["Id", "target_feature"] and sub.Id.tolist() == sorted(GREYS)
+    exp = expected_labels(tmp_path)
+    scored = [i for i in GREYS if i != "s_e"]
+    assert {i: int(y) for i, y in zip(sub.Id, sub.target_feature) if i in scored} == {i: exp[i] for i in scored}
+    # s_e could not be read at all: the majority of the other five decisions.
+    majority = int(sum(exp[i] for i in scored) > len(scored) / 2)
+    assert int(sub.set_index("Id").target_feature["s_e"]) == majority
+
+    issues = pd.read_csv(tmp_path / "safe_inference_issues.csv", dtype={"Id": str}).set_index("Id")
+    assert issues.resolution.to_dict() == {"s_c": "recropped", "s_d": "recropped", "s_e": "prior"}
+    assert "s_e.png" in issues.problem["s_e"] and "re-crop failed" in issues.problem["s_e"]
+    log = (tmp_path / "safe_inference_log.txt").read_text()
+    assert "skipped fold2" in log and "v42_backbone_fold2.pth" in log
+    assert "fold skipped: fold2" in log and "2 row(s) scored on a re-crop" in log and "1 row(s) given the prior" in log
+
+
+def test_simulated_oom_retries_with_half_the_batch(tmp_path, monkeypatch):
+    layout(tmp_path)
+    plain = run(cfg(tmp_path, out=str(tmp_path / "plain.csv"), batch_size=8))
+    real_forward, raised = FoldModel.forward, []
+
+    def forward(self, x):
+        if not raised and x.shape[0] > 2:
+            raised.append(x.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(FoldModel, "forward", forward)
+    s = run(cfg(tmp_path, batch_size=8))
+    assert raised == [5] and s.batch_size == 4  # 5 readable images in one batch of 8 → retried at 4
+    assert any("out of memory at batch 8: retried at 4" in d for d in s.degraded)
+    assert pd.read_csv(s.out).equals(pd.read_csv(plain.out))
+
+
+def test_unusable_cuda_continues_on_cpu(tmp_path, monkeypatch):
+    layout(tmp_path)
+    # Pretend CUDA is present: moving the models there fails on this machine, as a broken driver would.
+    monkeypatch.setattr(titan.scoring, "resolve_device", lambda name: torch.device("cuda"))
+    s = run(cfg(tmp_path, device="cuda"))
+    assert s.device == "cpu" and s.n_rows == len(GREYS)
+    assert any(d.startswith("device: could not use cuda") for d in s.degraded)
+
+
+def test_cuda_requested_without_cuda_continues_on_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    layout(tmp_path)
+    s = run(cfg(tmp_path, device="cuda", tta="full"))
+    assert s.device == "cpu" and any("CUDA is not available" in d for d in s.degraded)
+    full = pd.read_csv(s.out, dtype={"Id": str})
+    exp = expected_labels(tmp_path, ("identity", "hflip", "rot+5", "rot-5"))
+    assert all(int(y) == exp[i] for i, y in zip(full.Id, full.target_feature) if i != "s_e")
+
+
+def test_no_usable_weights_is_the_one_error(tmp_path):
+    layout(tmp_path)
+    for k in range(2):
+        (tmp_path / f"v42_head_fold{k}.pth").unlink()
+    with pytest.raises(SafeInferenceError, match=r"(?s)no usable fold weights.*fold0.*no matching head.*fold2"):
+        run(cfg(tmp_path))
+    assert not (tmp_path / "submission_v42.csv").exists()
+
+
+def test_prior_decision_is_the_majority_then_the_mean():
+    assert prior_decision(np.array([1, 1, 0]), np.array([0.9, 0.8, 0.1]), 0.5)[0] == 1
+    assert prior_decision(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.99]), 0.5)[0] == 0
+    assert prior_decision(np.array([0, 1]), np.array([0.45, 0.9]), 0.5)[0] == 1  # tie: mean 0.675 ≥ 0.5
+    assert prior_decision(np.array([], int), np.array([]), 0.5)[0] == 0
+
+
+def test_recrop_uses_titan_faces_when_present_else_centre_square(tmp_path, monkeypatch):
+    write_images(tmp_path, {"o": 100}, size=48)
+    img = decode_image(tmp_path / "o.png")
+    monkeypatch.delattr(titan, "faces", raising=False)
+    monkeypatch.setitem(sys.modules, "titan.faces", None)  # align helper's module absent
+    assert np.array_equal(recrop(tmp_path / "o.png", 16), square_resize(img, 16))
+
+    class Faces:
+        @staticmethod
+        def crop_face(image, size, margin):
+            return np.full((size, size, 3), int(margin * 100), np.uint8)
+
+    monkeypatch.setitem(sys.modules, "titan.faces", Faces)
+    monkeypatch.setattr(titan, "faces", Faces, raising=False)
+    assert recrop(tmp_path / "o.png", 16, margin=0.3)[0, 0, 0] == 30
+
+
+def test_help_lists_every_flag_with_default(capsys):
+    with pytest.raises(SystemExit):
+        safe_inference.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag in ("--weights-dir", "--prefix", "--test-dir", "--raw-test-dir", "--out", "--img-size",
+                 "--batch-size", "--device", "--tta", "--margin"):
+        assert flag in text
+    assert "default: minimal" in text and "default: v42" in text
