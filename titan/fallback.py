@@ -19,7 +19,7 @@ from .data import ImageIndex, decode_image, square_resize
 from .ensemble import ensemble_probability, parse_tta
 from .foldset import discover, img_size_of, load_folds, mean_threshold
 from .runlog import RunLog
-from .scoring import FAILED, RECROPPED, TestImages, score_images
+from .scoring import FAILED, RECROPPED, ImagesToScore, score_images
 
 TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
 
@@ -120,9 +120,6 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
             f"no usable fold weights in {cfg.weights_dir} ({cfg.prefix}_backbone_fold*.pth + {cfg.prefix}_head_fold*.pth)"
             + (f"; skipped: {'; '.join(f'{n}: {w}' for n, w in skipped)}" if skipped else "")
             + ". Pass --weights-dir / --prefix.")
-    th, n_th = mean_threshold(folds)
-    if n_th < len(folds):
-        degraded.append(f"threshold: {len(folds) - n_th} of {len(folds)} fold(s) without a meta threshold used 0.5")
     img_size, size_note = (cfg.img_size, f"{cfg.img_size} (--img-size)") if cfg.img_size > 0 else img_size_of(folds, files)
 
     faces = _index_or_none(cfg.test_dir, degraded, "face-crop")
@@ -136,12 +133,17 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
             raise FileNotFoundError(f"no originals folder {cfg.raw_test_dir}")
         return recrop(raw.path(image_id), img_size, cfg.margin)
 
-    say(f"{len(folds)} fold(s): {', '.join(f.name for f in folds)}; threshold {th:.4f}; img {size_note}; "
+    say(f"{len(folds)} fold(s): {', '.join(f.name for f in folds)}; img {size_note}; "
         f"TTA {','.join(views)}; {len(ids)} test Ids")
-    scores = score_images(folds, TestImages(ids, faces, img_size, fallback), cfg.batch_size, cfg.device, views,
+    scores = score_images(folds, ImagesToScore(ids, faces, img_size, fallback), cfg.batch_size, cfg.device, views,
                           cfg.amp, cfg.num_workers, cfg.progress)
     scores.drop_nonfinite_folds()
     degraded += scores.notes
+    used = [f for f in folds if f.name in scores.fold_names]  # the threshold follows the folds that voted
+    th, n_th = mean_threshold(used)
+    if n_th < len(used):
+        degraded.append(f"threshold: {len(used) - n_th} of {len(used)} fold(s) had no meta threshold; used 0.5 for them")
+    say(f"threshold {th:.4f} = mean over {len(used)} fold(s)")
 
     ok = scores.scored & (len(scores.fold_names) > 0)
     probs = np.full(len(ids), np.nan)

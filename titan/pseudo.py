@@ -18,7 +18,7 @@ from .data import ImageIndex, read_labels
 from .ensemble import ensemble_probability, parse_tta
 from .foldset import discover, img_size_of, load_folds, pair_globs
 from .runlog import RunLog
-from .scoring import FAILED, TestImages, score_images
+from .scoring import FAILED, ImagesToScore, score_images
 
 
 class DiamondError(RuntimeError):
@@ -177,7 +177,7 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
         f"{f.name} ({f.meta.get('variant')}/{f.meta.get('head')})" for f in folds))
     say(f"scoring {len(test_ids)} test faces from {cfg.test_dir} at {size_note}, TTA {','.join(views)}")
 
-    scores = score_images(folds, TestImages(test_ids, index, img_size), cfg.batch_size, cfg.device, views,
+    scores = score_images(folds, ImagesToScore(test_ids, index, img_size), cfg.batch_size, cfg.device, views,
                           cfg.amp, cfg.num_workers, cfg.progress)
     scores.drop_nonfinite_folds()
     if not scores.fold_names:

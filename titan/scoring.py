@@ -25,7 +25,7 @@ OK, RECROPPED, FAILED = 0, 1, 2
 STATUS_NAMES = {OK: "ok", RECROPPED: "recropped", FAILED: "failed"}
 
 
-class TestImages(Dataset):
+class ImagesToScore(Dataset):
     """Test Ids → (uint8 (3,S,S), index, status, reason).
 
     A crop missing from ``index`` or failing to decode goes to ``fallback(id)`` (an HxWx3 uint8
@@ -73,12 +73,14 @@ class ResilientPredictor:
     """Per-fold TTA logits for uint8 batches; shrinks the batch on OOM, falls back to CPU."""
 
     models: list[torch.nn.Module]  # CPU originals, kept for the CPU fallback
+    names: list[str]
     device: torch.device
     views: Sequence[str]
     batch_size: int
     amp: bool = True
     notes: list[str] = field(default_factory=list)
     oom_retries: int = 0
+    dead: set[int] = field(default_factory=set)  # folds whose forward raised: NaN from then on
 
     def __post_init__(self) -> None:
         self.on_device = self._move(self.device)
@@ -108,22 +110,40 @@ class ResilientPredictor:
         log.warning("out of memory at batch %d (%s); retrying at %d", self.batch_size, type(e).__name__, new)
         self.batch_size = new
 
+    def _predict(self, x: torch.Tensor, ks: Sequence[int]) -> np.ndarray:
+        return predict_batches([self.on_device[k] for k in ks], [x], self.device, self.views, amp=self.amp)
+
+    def _find_broken(self, x: torch.Tensor, e: BaseException) -> bool:
+        """After an error that is neither OOM nor CUDA: retire the folds that fail on their own."""
+        broken = []
+        for k in sorted(set(range(len(self.models))) - self.dead):
+            try:
+                self._predict(x[:1], [k])
+            except Exception as e2:  # noqa: BLE001
+                broken.append(k)
+                self.notes.append(f"fold {self.names[k]} failed at inference ({type(e2).__name__}: {e2}); left out")
+                log.warning("fold %s failed at inference: %s", self.names[k], e2)
+        self.dead.update(broken)
+        return bool(broken) and len(self.dead) < len(self.models)
+
     def __call__(self, x: torch.Tensor) -> np.ndarray:
-        """uint8 (B,3,S,S) → logits (n_models, B)."""
-        parts, i = [], 0
+        """uint8 (B,3,S,S) → logits (n_models, B); NaN rows for retired folds."""
+        out = np.full((len(self.models), x.shape[0]), np.nan, dtype=np.float32)
+        i = 0
         while i < x.shape[0]:
             chunk = x[i:i + self.batch_size]
+            live = [k for k in range(len(self.models)) if k not in self.dead]
             try:
-                parts.append(predict_batches(self.on_device, [chunk], self.device, self.views, amp=self.amp))
+                out[live, i:i + chunk.shape[0]] = self._predict(chunk, live)
                 i += chunk.shape[0]
             except Exception as e:  # noqa: BLE001
                 if is_oom(e) and self.batch_size > 1:
                     self._shrink(e)
                 elif self.device.type == "cuda":
                     self._to_cpu(f"CUDA failed mid-run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-                else:
+                elif not self._find_broken(chunk, e):
                     raise
-        return np.concatenate(parts, axis=1) if parts else np.zeros((len(self.models), 0), np.float32)
+        return out
 
 
 @dataclass
@@ -165,7 +185,7 @@ def pick_device(name: str, notes: list[str]) -> torch.device:
         return torch.device("cpu")
 
 
-def score_images(folds: Sequence[Fold], dataset: TestImages, batch_size: int = 32, device: str = "auto",
+def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int = 32, device: str = "auto",
                  views: Sequence[str] = ("identity", "hflip"), amp: bool = True, num_workers: int = 0,
                  progress: bool = True) -> Scores:
     """Score every image of ``dataset`` with every fold (TTA logits), resiliently."""
@@ -173,13 +193,14 @@ def score_images(folds: Sequence[Fold], dataset: TestImages, batch_size: int = 3
 
     notes: list[str] = []
     dev = pick_device(device, notes)
-    predictor = ResilientPredictor([f.model.eval() for f in folds], dev, list(views), batch_size, amp, notes)
+    predictor = ResilientPredictor([f.model.eval() for f in folds], [f.name for f in folds], dev, list(views),
+                                   batch_size, amp, notes)
     n = len(dataset)
     logits = np.full((len(folds), n), np.nan, dtype=np.float32)
     status = np.full(n, FAILED, dtype=np.int64)
     reasons = [""] * n
     loader = DataLoader(dataset, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda", persistent_workers=False)
+                        pin_memory=predictor.device.type == "cuda", persistent_workers=False)
     with tqdm(total=n, desc="scoring", unit="img", disable=not progress, leave=False) as bar:
         for x, idx, st, why in loader:
             idx, st = idx.numpy(), st.numpy()
