@@ -19,31 +19,24 @@ from pathlib import Path
 from titan.data import LabelCSVError
 from titan.pseudo import DiamondConfig, DiamondError, make_diamonds
 from titan.runlog import RunLog
+from titan.scoring import add_scoring_args
 
 
 def parse_args(argv=None) -> DiamondConfig:
     d = DiamondConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights-dir", default=d.weights_dir, help="folder holding the fold weights")
-    p.add_argument("--prefix", default=d.prefix, help="file prefix: titan (V38 release) or v42 (our folds)")
+    add_scoring_args(p, d)
     p.add_argument("--backbones", default=d.backbones, help="glob of backbone files (with --heads; replaces --weights-dir/--prefix)")
     p.add_argument("--heads", default=d.heads, help="glob of head files (with --backbones)")
     p.add_argument("--variant", default=d.variant, help="backbone variant; empty = read from the weights")
     p.add_argument("--head", default=d.head, choices=["", "linear", "arcface"], help="head type; empty = read from the weights")
-    p.add_argument("--test-dir", default=d.test_dir, help="test face crops")
     p.add_argument("--train-csv", default=d.train_csv, help="original labelled rows (Id,target_feature)")
     p.add_argument("--out", default=d.out, help="output CSV")
-    p.add_argument("--img-size", type=int, default=d.img_size, help="input size; 0 = from checkpoint metadata, else 512")
     p.add_argument("--hi", type=float, default=d.hi, help="P(fake) above this → fake diamond")
     p.add_argument("--lo", type=float, default=d.lo, help="P(fake) below this → real diamond")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (halved on OOM)")
-    p.add_argument("--device", default=d.device, help="auto (CUDA if present), cuda, cuda:1, cpu")
     p.add_argument("--tta", default=d.tta, help="TTA views: identity,hflip,vflip,rot+5,rot-5")
     p.add_argument("--max-per-class", type=int, default=d.max_per_class, help="keep at most N most confident per class; 0 = all")
     p.add_argument("--balance", action="store_true", help="keep as many real as fake diamonds (the smaller count)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable CUDA autocast")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return DiamondConfig(**vars(p.parse_args(argv)))
 
 

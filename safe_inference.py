@@ -18,25 +18,18 @@ from pathlib import Path
 
 from titan.fallback import SafeConfig, SafeInferenceError, safe_inference
 from titan.runlog import RunLog
+from titan.scoring import add_scoring_args
 
 
 def parse_args(argv=None) -> SafeConfig:
     d = SafeConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights-dir", default=d.weights_dir, help="folder holding the fold weights")
-    p.add_argument("--prefix", default=d.prefix, help="file prefix of the fold weights")
-    p.add_argument("--test-dir", default=d.test_dir, help="test face crops")
+    add_scoring_args(p, d)
     p.add_argument("--raw-test-dir", default=d.raw_test_dir, help="original test images, re-cropped when a face crop fails")
     p.add_argument("--out", default=d.out, help="submission CSV")
     p.add_argument("--issues", default=d.issues, help="issues CSV; empty = safe_inference_issues.csv beside --out")
-    p.add_argument("--img-size", type=int, default=d.img_size, help="input size; 0 = from checkpoint metadata, else 512")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (halved on OOM)")
-    p.add_argument("--device", default=d.device, help="auto, cuda, cpu; an unusable CUDA falls back to CPU")
     p.add_argument("--tta", default=d.tta, help="minimal (identity,hflip), full (identity,hflip,rot+5,rot-5) or a list")
     p.add_argument("--margin", type=float, default=d.margin, help="face-box margin for re-crops of originals")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable CUDA autocast")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return SafeConfig(**vars(p.parse_args(argv)))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,13 @@ def recrop(original_path: str | os.PathLike, size: int, margin: float = 0.2) -> 
     return square_resize(img, size)
 
 
+def _recrop_by_id(raw: ImageIndex | None, size: int, margin: float, raw_dir: str, image_id: str) -> np.ndarray:
+    # Module-level (not a closure) so loader workers can pickle it under any start method.
+    if raw is None:
+        raise FileNotFoundError(f"no originals folder {raw_dir}")
+    return recrop(raw.path(image_id), size, margin)
+
+
 def resolve_tta(spec: str) -> list[str]:
     return parse_tta(TTA_PRESETS.get(spec, spec))
 
@@ -128,11 +136,7 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     if not ids:
         raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
 
-    def fallback(image_id: str) -> np.ndarray:
-        if raw is None:
-            raise FileNotFoundError(f"no originals folder {cfg.raw_test_dir}")
-        return recrop(raw.path(image_id), img_size, cfg.margin)
-
+    fallback = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
     say(f"{len(folds)} fold(s): {', '.join(f.name for f in folds)}; img {size_note}; "
         f"TTA {','.join(views)}; {len(ids)} test Ids")
     scores = score_images(folds, ImagesToScore(ids, faces, img_size, fallback), cfg.batch_size, cfg.device, views,

@@ -98,7 +98,7 @@ def text_histogram(probs: np.ndarray, bins: int = 20, width: int = 40) -> str:
     lines = []
     for c, a, b in zip(counts, edges[:-1], edges[1:]):
         bar = "#" * int(round(width * c / top)) if c else ""
-        lines.append(f"  {a:4.2f}-{b:4.2f} {int(c):7d} {bar}")
+        lines.append(f"  {a:4.2f}-{b:4.2f} {int(c):7d} {bar}".rstrip())
     return "\n".join(lines)
 
 

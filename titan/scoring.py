@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -213,3 +214,18 @@ def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int 
             bar.update(len(idx))
     return Scores(list(dataset.ids), logits, status, reasons, [f.name for f in folds], str(predictor.device),
                   predictor.batch_size, notes)
+
+
+def add_scoring_args(parser: argparse.ArgumentParser, defaults) -> None:
+    """The flags every script that scores test faces shares; ``defaults`` is its config dataclass
+    (fields weights_dir, prefix, test_dir, img_size, batch_size, device, num_workers, amp, progress)."""
+    d = defaults
+    parser.add_argument("--weights-dir", default=d.weights_dir, help="folder holding the fold weights")
+    parser.add_argument("--prefix", default=d.prefix, help="fold file prefix: titan (V38 release) or v42 (ours)")
+    parser.add_argument("--test-dir", default=d.test_dir, help="test face crops")
+    parser.add_argument("--img-size", type=int, default=d.img_size, help="input size; 0 = from checkpoint metadata, else 512")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (halved on OOM)")
+    parser.add_argument("--device", default=d.device, help="auto (CUDA if present), cuda, cuda:1, cpu")
+    parser.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable CUDA autocast")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
