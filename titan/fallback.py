@@ -139,8 +139,11 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     fallback = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
     say(f"{len(folds)} fold(s): {', '.join(f.name for f in folds)}; img {size_note}; "
         f"TTA {','.join(views)}; {len(ids)} test Ids")
-    scores = score_images(folds, ImagesToScore(ids, faces, img_size, fallback), cfg.batch_size, cfg.device, views,
-                          cfg.amp, cfg.num_workers, cfg.progress)
+    try:
+        scores = score_images(folds, ImagesToScore(ids, faces, img_size, fallback), cfg.batch_size, cfg.device,
+                              views, cfg.amp, cfg.num_workers, cfg.progress)
+    except Exception as e:  # noqa: BLE001 — reached only when no fold can score at all
+        raise SafeInferenceError(f"no fold could score the test images: {type(e).__name__}: {e}") from e
     scores.drop_nonfinite_folds()
     degraded += scores.notes
     used = [f for f in folds if f.name in scores.fold_names]  # the threshold follows the folds that voted

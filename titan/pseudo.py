@@ -114,7 +114,7 @@ def save_histogram_png(probs: np.ndarray, hi: float, lo: float, path: str | os.P
     ax.hist(p, bins=50, range=(0, 1), color="#4c72b0")
     for t, c, lab in ((lo, "#2ca02c", f"real < {lo:g}"), (hi, "#d62728", f"fake > {hi:g}")):
         ax.axvline(t, color=c, linestyle="--", label=lab)
-    ax.set_yscale("log" if len(p) and p.size > 50 else "linear")
+    ax.set_yscale("log" if p.size > 50 else "linear")  # the tails dwarf the middle
     ax.set_xlabel("ensemble P(fake)")
     ax.set_ylabel("test images")
     ax.set_title(title or "Test-set probabilities and diamond thresholds")
@@ -135,7 +135,7 @@ def _fold_files(cfg: DiamondConfig):
     return discover(cfg.weights_dir, cfg.prefix), where
 
 
-def _test_ids(test_dir: str) -> ImageIndex:
+def _test_index(test_dir: str) -> ImageIndex:
     try:
         index = ImageIndex(test_dir)
     except FileNotFoundError:
@@ -161,7 +161,7 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     if train.is_pseudo.any():
         say(f"{cfg.train_csv}: dropping {int(train.is_pseudo.sum())} earlier pseudo-labelled rows (diamonds are rebuilt)")
         train = train[~train.is_pseudo].reset_index(drop=True)
-    index = _test_ids(cfg.test_dir)
+    index = _test_index(cfg.test_dir)
     test_ids = index.ids()
     clash = sorted(set(test_ids) & set(train.Id))
     if clash:
@@ -194,10 +194,11 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     atomic_write(out, lambda tmp: rows.to_csv(tmp, index=False))
     scores_csv = out.with_name(out.stem + "_scores.csv")
     atomic_write(scores_csv, lambda tmp: pd.DataFrame({"Id": test_ids, "prob": probs}).to_csv(tmp, index=False))
-    png = save_histogram_png(probs, cfg.hi, cfg.lo, out.with_name(out.stem + "_hist.png"),
-                             f"{len(folds)} fold(s), {int(scores.scored.sum())} test faces")
-
     n_fake, n_real = int((diamonds.target_feature == 1).sum()), int((diamonds.target_feature == 0).sum())
+    png = save_histogram_png(probs, cfg.hi, cfg.lo, out.with_name(out.stem + "_hist.png"),
+                             f"{len(scores.fold_names)} fold(s), {int(scores.scored.sum())} test faces: "
+                             f"{n_fake} fake + {n_real} real diamonds")
+
     n_scored = int(scores.scored.sum())
     hist = text_histogram(probs)
     share = (n_fake + n_real) / max(len(test_ids), 1)
