@@ -9,6 +9,7 @@ from fold_fixtures import SIZE, grey_logit, grey_prob, write_images, write_v38_f
 from titan import build_backbone, build_head
 from titan.ensemble import FoldModel, ensemble_probability, load_fold, tta_logits
 from titan.pseudo import DiamondConfig, DiamondError, make_diamonds as run, select_diamonds
+from titan.runlog import RunLog
 
 # grey level → P(fake) = sigmoid(20·(v/255 − 0.5)) under grey_logit: 255, 200 → > 0.995; 59, 0 → < 0.005;
 # 190 (0.9926), 128, 65 (0.0074) sit just inside the thresholds.
@@ -67,6 +68,18 @@ def test_no_args_v38_arcface_folds_select_by_rule_and_keep_originals_first(tmp_p
     assert "loaded 2 fold(s)" in log and "fold0 (atto/arcface)" in log
     assert "2 fake (p > 0.995) + 2 real (p < 0.005) = 4 of 7 test faces (57.1%)" in log
     assert "0.95-1.00" in log and "512 (no img_size" in log  # V38 files carry no metadata
+
+
+def test_unreadable_test_face_is_logged_and_never_a_diamond(tmp_path, monkeypatch):
+    layout(tmp_path)
+    (tmp_path / "data/faces_512/test/t_a.png").write_bytes(b"\x89PNG truncated")
+    write_v38_folds(tmp_path, n=1)
+    monkeypatch.setattr(FoldModel, "forward", lambda self, x: grey_logit(x))
+    s = run(cfg(tmp_path, img_size=SIZE), RunLog(tmp_path / "log.txt", echo=False))
+    assert s.unreadable == ["t_a"] and s.n_scored == len(GREYS) - 1 and (s.n_fake, s.n_real) == (1, 2)
+    out = pd.read_csv(tmp_path / "train_diamond.csv", dtype={"Id": str})
+    assert "t_a" not in set(out.Id)
+    assert "not a diamond: " in (tmp_path / "log.txt").read_text() and "t_a.png" in (tmp_path / "log.txt").read_text()
 
 
 def test_v42_folds_by_glob_use_meta_size_and_real_models(tmp_path):

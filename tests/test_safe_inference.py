@@ -188,3 +188,17 @@ def test_help_lists_every_flag_with_default(capsys):
                  "--batch-size", "--device", "--tta", "--margin"):
         assert flag in text
     assert "default: minimal" in text and "default: v42" in text
+
+
+def test_cuda_dying_mid_run_finishes_on_cpu_copies():
+    from titan import build_backbone, build_head
+    from titan.scoring import ResilientPredictor
+
+    models = [FoldModel(build_backbone("atto"), build_head("linear", 320)).eval() for _ in range(2)]
+    x = torch.randint(0, 255, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    want = ResilientPredictor(models, ["f0", "f1"], torch.device("cpu"), ["identity"], 4)(x)
+    p = ResilientPredictor(models, ["f0", "f1"], torch.device("cpu"), ["identity"], 4)
+    p.device = torch.device("cuda")  # as if CUDA had worked until now: the next copy to it fails here
+    got = p(x)
+    assert p.device.type == "cpu" and any("CUDA failed mid-run" in n for n in p.notes)
+    assert np.allclose(got, want, atol=1e-5)
