@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import make_diamonds
-from fold_fixtures import SIZE, grey_logit, grey_prob, write_images, write_v38_folds, write_v42_folds
+from fold_fixtures import SIZE, copy_files, grey_logit, grey_prob, v38_dir, write_images, write_v42_folds  # noqa: F401 (fixture)
 from titan import build_backbone, build_head
-from titan.ensemble import FoldModel, ensemble_probability, load_fold, tta_logits
+from titan.ensemble import FoldModel, ensemble_probability, tta_logits
 from titan.pseudo import DiamondConfig, DiamondError, make_diamonds as run, select_diamonds
 from titan.runlog import RunLog
 
@@ -47,9 +47,9 @@ def test_cap_keeps_most_confident_and_balance_evens_classes():
     assert set(balanced.Id[balanced.target_feature == 1]) == {"i1", "i6"}
 
 
-def test_no_args_v38_arcface_folds_select_by_rule_and_keep_originals_first(tmp_path, monkeypatch):
+def test_no_args_v38_arcface_folds_select_by_rule_and_keep_originals_first(v38_dir, tmp_path, monkeypatch):
     layout(tmp_path)
-    write_v38_folds(tmp_path, n=2)
+    copy_files(v38_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(FoldModel, "forward", lambda self, x: grey_logit(x))  # known scores per image
     assert make_diamonds.main(["--no-progress", "--num-workers", "0"]) == 0
@@ -70,10 +70,10 @@ def test_no_args_v38_arcface_folds_select_by_rule_and_keep_originals_first(tmp_p
     assert "0.95-1.00" in log and "512 (no img_size" in log  # V38 files carry no metadata
 
 
-def test_unreadable_test_face_is_logged_and_never_a_diamond(tmp_path, monkeypatch):
+def test_unreadable_test_face_is_logged_and_never_a_diamond(v38_dir, tmp_path, monkeypatch):
     layout(tmp_path)
     (tmp_path / "data/faces_512/test/t_a.png").write_bytes(b"\x89PNG truncated")
-    write_v38_folds(tmp_path, n=1)
+    copy_files(v38_dir, tmp_path)
     monkeypatch.setattr(FoldModel, "forward", lambda self, x: grey_logit(x))
     s = run(cfg(tmp_path, img_size=SIZE), RunLog(tmp_path / "log.txt", echo=False))
     assert s.unreadable == ["t_a"] and s.n_scored == len(GREYS) - 1 and (s.n_fake, s.n_real) == (1, 2)
@@ -84,15 +84,14 @@ def test_unreadable_test_face_is_logged_and_never_a_diamond(tmp_path, monkeypatc
 
 def test_v42_folds_by_glob_use_meta_size_and_real_models(tmp_path):
     layout(tmp_path)
-    write_v42_folds(tmp_path, n=2)
+    models = [FoldModel(bb, head).eval() for bb, head in write_v42_folds(tmp_path, n=2)]
     c = cfg(tmp_path, backbones=str(tmp_path / "v42_backbone_fold*.pth"), heads=str(tmp_path / "v42_head_fold*.pth"),
             hi=0.5, lo=0.4)
     s = run(c)
     assert s.n_folds == 2 and s.img_size == SIZE and s.n_scored == len(GREYS)
     # The scores are the real ensemble's: recompute one image by hand.
-    folds = [load_fold(tmp_path / f"v42_backbone_fold{k}.pth", tmp_path / f"v42_head_fold{k}.pth") for k in range(2)]
     x = torch.full((1, 3, SIZE, SIZE), 200 / 255.0)
-    p = ensemble_probability(np.stack([tta_logits(f.model, x, ["identity", "hflip"]).numpy() for f in folds]))[0]
+    p = ensemble_probability(np.stack([tta_logits(m, x, ["identity", "hflip"]).numpy() for m in models]))[0]
     scores = pd.read_csv(tmp_path / "train_diamond_scores.csv", dtype={"Id": str}).set_index("Id").prob
     assert scores["t_b"] == pytest.approx(p, abs=1e-5)
 
@@ -104,29 +103,29 @@ def test_no_weights_is_an_error_and_writes_nothing(tmp_path):
     assert not (tmp_path / "train_diamond.csv").exists()
 
 
-def test_wrong_architecture_is_an_error_and_writes_nothing(tmp_path):
+def test_wrong_architecture_is_an_error_and_writes_nothing(v38_dir, tmp_path):
     layout(tmp_path)
     torch.save(build_backbone("atto").state_dict(), tmp_path / "titan_backbone_fold0.pth")
     torch.save(build_head("arcface", 768).state_dict(), tmp_path / "titan_head_fold0.pth")  # a V38-wide head
     with pytest.raises(DiamondError, match=r"(?s)wrong architecture.*titan_head_fold0.pth.*wrong shape"):
         run(cfg(tmp_path))
-    write_v38_folds(tmp_path, n=1)
+    copy_files(v38_dir, tmp_path)
     with pytest.raises(DiamondError, match="does not fit"):
         run(cfg(tmp_path, variant="v38"))  # atto weights forced into a v38 backbone
     assert not (tmp_path / "train_diamond.csv").exists()
 
 
-def test_empty_test_folder_is_an_error_and_writes_nothing(tmp_path):
+def test_empty_test_folder_is_an_error_and_writes_nothing(v38_dir, tmp_path):
     layout(tmp_path, greys={})
-    write_v38_folds(tmp_path, n=1)
+    copy_files(v38_dir, tmp_path)
     with pytest.raises(DiamondError, match="no test images"):
         run(cfg(tmp_path))
     assert not (tmp_path / "train_diamond.csv").exists()
 
 
-def test_test_ids_colliding_with_train_ids_is_an_error(tmp_path):
+def test_test_ids_colliding_with_train_ids_is_an_error(v38_dir, tmp_path):
     layout(tmp_path, greys={"r_1": 10, "t_x": 20})
-    write_v38_folds(tmp_path, n=1)
+    copy_files(v38_dir, tmp_path)
     with pytest.raises(DiamondError, match=r"1 test Id\(s\).*\['r_1'\]"):
         run(cfg(tmp_path))
     assert not (tmp_path / "train_diamond.csv").exists()

@@ -9,31 +9,39 @@ import torch
 import safe_inference
 import titan
 import titan.scoring
-from fold_fixtures import SIZE, write_images, write_v42_folds
+from fold_fixtures import SIZE, copy_files, write_images, write_v42_folds
 from titan.data import decode_image, square_resize
-from titan.ensemble import FoldModel, ensemble_probability, load_fold, tta_logits
+from titan.ensemble import FoldModel, ensemble_probability, tta_logits
 from titan.fallback import SafeConfig, SafeInferenceError, prior_decision, recrop, safe_inference as run
 
 GREYS = {"s_a": 20, "s_b": 90, "s_c": 160, "s_d": 230, "s_e": 120, "s_f": 60}
 
 
-def layout(tmp_path):
-    """Folds 0,1 good + fold 2 garbage; s_c's crop corrupt, s_d's crop missing (both have originals);
-    s_e's crop and original both corrupt."""
-    faces, raw = tmp_path / "data/faces_512/test", tmp_path / "data/dataset/test_images"
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Built once: folds 0,1 good + fold 2 garbage; s_c's crop corrupt, s_d's crop missing (both have
+    originals); s_e's crop and original both corrupt. Returns (folder, the good folds' models, thresholds)."""
+    d = tmp_path_factory.mktemp("safe_layout")
+    faces, raw = d / "data/faces_512/test", d / "data/dataset/test_images"
     write_images(faces, {k: v for k, v in GREYS.items() if k != "s_d"}, size=SIZE)
     write_images(raw, GREYS, size=SIZE)
     (faces / "s_c.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (faces / "s_e.png").write_bytes(b"")
     (raw / "s_e.png").write_bytes(b"GIF89a broken")
-    write_v42_folds(tmp_path, n=2, th=0.4)
+    models = [FoldModel(bb, head).eval() for bb, head in write_v42_folds(d, n=2)]
+    ths = []
     for k in range(2):  # random weights score every grey alike: put each fold's threshold mid-pack
-        p = fold_probs(tmp_path, [k])
-        meta = torch.load(tmp_path / f"v42_meta_fold{k}.pth", weights_only=True)
-        torch.save({**meta, "th": float(np.sort(p)[2:4].mean())}, tmp_path / f"v42_meta_fold{k}.pth")
-    (tmp_path / "v42_backbone_fold2.pth").write_bytes(b"garbage, not a zip")
-    (tmp_path / "v42_head_fold2.pth").write_bytes(b"garbage")
-    return tmp_path
+        ths.append(float(np.sort(fold_probs(models, [k]))[2:4].mean()))
+        meta = torch.load(d / f"v42_meta_fold{k}.pth", weights_only=True)
+        torch.save({**meta, "th": ths[k]}, d / f"v42_meta_fold{k}.pth")
+    (d / "v42_backbone_fold2.pth").write_bytes(b"garbage, not a zip")
+    (d / "v42_head_fold2.pth").write_bytes(b"garbage")
+    return d, models, ths
+
+
+@pytest.fixture
+def folder(prepared, tmp_path):
+    return copy_files(prepared[0], tmp_path)
 
 
 def cfg(tmp_path, **kw):
@@ -43,32 +51,26 @@ def cfg(tmp_path, **kw):
     return SafeConfig(**{**base, **kw})
 
 
-def load_good_folds(tmp_path, ks):
-    return [load_fold(tmp_path / f"v42_backbone_fold{k}.pth", tmp_path / f"v42_head_fold{k}.pth",
-                      tmp_path / f"v42_meta_fold{k}.pth") for k in ks]
-
-
-def fold_probs(tmp_path, ks, views=("identity", "hflip")):
+def fold_probs(models, ks, views=("identity", "hflip")):
     """The good folds' ensemble scored by hand on the constant images (crops and originals are identical)."""
     x = torch.stack([torch.full((3, SIZE, SIZE), v / 255.0) for v in GREYS.values()])
-    return ensemble_probability(np.stack([tta_logits(f.model, x, list(views)).numpy() for f in load_good_folds(tmp_path, ks)]))
+    return ensemble_probability(np.stack([tta_logits(models[k], x, list(views)).numpy() for k in ks]))
 
 
-def expected_labels(tmp_path, views=("identity", "hflip"), ks=(0, 1)):
-    th = np.mean([f.threshold for f in load_good_folds(tmp_path, ks)])
-    labels = dict(zip(GREYS, (fold_probs(tmp_path, ks, views) >= th).astype(int)))
+def expected_labels(prepared, views=("identity", "hflip"), ks=(0, 1)):
+    _, models, ths = prepared
+    labels = dict(zip(GREYS, (fold_probs(models, ks, views) >= np.mean([ths[k] for k in ks])).astype(int)))
     assert 0 < sum(labels.values()) < len(labels)  # both classes occur, so the comparison means something
     return labels
 
 
-def test_full_submission_despite_corrupt_crop_missing_crop_and_garbage_fold(tmp_path, monkeypatch):
-    layout(tmp_path)
+def test_full_submission_despite_corrupt_crop_missing_crop_and_garbage_fold(folder, prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert safe_inference.main(["--no-progress", "--num-workers", "0"]) == 0  # README defaults
 
     sub = pd.read_csv(tmp_path / "submission_v42.csv", dtype={"Id": str})
     assert list(sub.columns) == ["Id", "target_feature"] and sub.Id.tolist() == sorted(GREYS)
-    exp = expected_labels(tmp_path)
+    exp = expected_labels(prepared)
     scored = [i for i in GREYS if i != "s_e"]
     assert {i: int(y) for i, y in zip(sub.Id, sub.target_feature) if i in scored} == {i: exp[i] for i in scored}
     # s_e could not be read at all: the majority of the other five decisions.
@@ -83,8 +85,7 @@ def test_full_submission_despite_corrupt_crop_missing_crop_and_garbage_fold(tmp_
     assert "fold skipped: fold2" in log and "2 row(s) scored on a re-crop" in log and "1 row(s) given the prior" in log
 
 
-def test_simulated_oom_retries_with_half_the_batch(tmp_path, monkeypatch):
-    layout(tmp_path)
+def test_simulated_oom_retries_with_half_the_batch(folder, tmp_path, monkeypatch):
     plain = run(cfg(tmp_path, out=str(tmp_path / "plain.csv"), batch_size=8))
     real_forward, raised = FoldModel.forward, []
 
@@ -102,8 +103,7 @@ def test_simulated_oom_retries_with_half_the_batch(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fault", ["raises", "nan"])
-def test_fold_failing_at_inference_is_left_out(tmp_path, monkeypatch, fault):
-    layout(tmp_path)
+def test_fold_failing_at_inference_is_left_out(folder, prepared, tmp_path, monkeypatch, fault):
     import titan.foldset
 
     real_load = titan.foldset.load_fold
@@ -119,16 +119,15 @@ def test_fold_failing_at_inference_is_left_out(tmp_path, monkeypatch, fault):
 
     monkeypatch.setattr(titan.foldset, "load_fold", load)
     s = run(cfg(tmp_path))
-    assert s.folds_used == ["fold1"] and s.threshold == pytest.approx(load_good_folds(tmp_path, [1])[0].threshold)
+    assert s.folds_used == ["fold1"] and s.threshold == pytest.approx(prepared[2][1])
     sub = pd.read_csv(s.out, dtype={"Id": str})
-    exp = expected_labels(tmp_path, ks=(1,))
+    exp = expected_labels(prepared, ks=(1,))
     assert sub.Id.tolist() == sorted(GREYS)
     assert all(int(y) == exp[i] for i, y in zip(sub.Id, sub.target_feature) if i != "s_e")
     assert any("fold0" in d for d in s.degraded)
 
 
-def test_unusable_cuda_continues_on_cpu(tmp_path, monkeypatch):
-    layout(tmp_path)
+def test_unusable_cuda_continues_on_cpu(folder, tmp_path, monkeypatch):
     # Pretend CUDA is present: moving the models there fails on this machine, as a broken driver would.
     monkeypatch.setattr(titan.scoring, "resolve_device", lambda name: torch.device("cuda"))
     s = run(cfg(tmp_path, device="cuda"))
@@ -136,19 +135,17 @@ def test_unusable_cuda_continues_on_cpu(tmp_path, monkeypatch):
     assert any(d.startswith("device: could not use cuda") for d in s.degraded)
 
 
-def test_cuda_requested_without_cuda_continues_on_cpu(tmp_path):
+def test_cuda_requested_without_cuda_continues_on_cpu(folder, prepared, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
-    layout(tmp_path)
     s = run(cfg(tmp_path, device="cuda", tta="full"))
     assert s.device == "cpu" and any("CUDA is not available" in d for d in s.degraded)
     full = pd.read_csv(s.out, dtype={"Id": str})
-    exp = expected_labels(tmp_path, ("identity", "hflip", "rot+5", "rot-5"))
+    exp = expected_labels(prepared, ("identity", "hflip", "rot+5", "rot-5"))
     assert all(int(y) == exp[i] for i, y in zip(full.Id, full.target_feature) if i != "s_e")
 
 
-def test_no_usable_weights_is_the_one_error(tmp_path):
-    layout(tmp_path)
+def test_no_usable_weights_is_the_one_error(folder, tmp_path):
     for k in range(2):
         (tmp_path / f"v42_head_fold{k}.pth").unlink()
     with pytest.raises(SafeInferenceError, match=r"(?s)no usable fold weights.*fold0.*no matching head.*fold2"):
