@@ -64,6 +64,10 @@ class ImagesToScore(Dataset):
         return x, i, status, reason
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
@@ -94,7 +98,7 @@ class ResilientPredictor:
             torch.zeros(1, device=device).add_(1).cpu()  # a real kernel: fails now if CUDA is broken
             return moved
         except Exception as e:  # noqa: BLE001
-            self._to_cpu(f"could not use {device} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            self._to_cpu(f"could not use {device} ({type(e).__name__}: {_first_line(e)})")
             return self.models
 
     def _to_cpu(self, why: str) -> None:
@@ -102,19 +106,19 @@ class ResilientPredictor:
         log.warning("%s; continuing on CPU", why)
         self.device, self.on_device = torch.device("cpu"), self.models
 
-    def _shrink(self, e: BaseException) -> None:
+    def _shrink(self, error_name: str) -> None:
         self.oom_retries += 1
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         new = max(1, self.batch_size // 2)
         self.notes.append(f"out of memory at batch {self.batch_size}: retried at {new}")
-        log.warning("out of memory at batch %d (%s); retrying at %d", self.batch_size, type(e).__name__, new)
+        log.warning("out of memory at batch %d (%s); retrying at %d", self.batch_size, error_name, new)
         self.batch_size = new
 
     def _predict(self, x: torch.Tensor, ks: Sequence[int]) -> np.ndarray:
         return predict_batches([self.on_device[k] for k in ks], [x], self.device, self.views, amp=self.amp)
 
-    def _find_broken(self, x: torch.Tensor, e: BaseException) -> bool:
+    def _find_broken(self, x: torch.Tensor) -> bool:
         """After an error that is neither OOM nor CUDA: retire the folds that fail on their own."""
         broken = []
         for k in sorted(set(range(len(self.models))) - self.dead):
@@ -137,13 +141,21 @@ class ResilientPredictor:
             try:
                 out[live, i:i + chunk.shape[0]] = self._predict(chunk, live)
                 i += chunk.shape[0]
+                continue
             except Exception as e:  # noqa: BLE001
                 if is_oom(e) and self.batch_size > 1:
-                    self._shrink(e)
+                    action = ("shrink", type(e).__name__)
                 elif self.device.type == "cuda":
-                    self._to_cpu(f"CUDA failed mid-run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-                elif not self._find_broken(chunk, e):
+                    action = ("cpu", f"CUDA failed mid-run ({type(e).__name__}: {_first_line(e)})")
+                elif self._find_broken(chunk):
+                    continue
+                else:
                     raise
+            # Acted on outside the except block, once the failed attempt's tensors are released.
+            if action[0] == "shrink":
+                self._shrink(action[1])
+            else:
+                self._to_cpu(action[1])
         return out
 
 
