@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
 
 demo:
 	@echo "make demo: the end-to-end demo is not built yet (tracked as its own issue)."; exit 1
