@@ -212,6 +212,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
         loader = engine.make_loader(dataset, cfg.batch_size, sampler, cfg.num_workers, dev)
 
         raw = SimMIM(build_backbone(cfg.variant, cfg.drop_path), cfg.mask_patch, cfg.mask_ratio)
+        raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
         model = engine.prepare_model(raw, env, cfg.channels_last, cfg.compile)
         optimizer = engine.make_optimizer(raw, cfg.ssl_lr, cfg.ssl_weight_decay, dev)
         steps = math.ceil(len(loader) / cfg.accum_steps)
@@ -419,7 +420,7 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
         log.record("ft_epoch", fold=k, epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, f1=m["f1"],
                    th=m["threshold"], auc=m["roc_auc"], ap=m["ap"], precision=m["precision"], recall=m["recall"],
                    lr=stepper.lr, img_s=img_s)
-        score = (m["f1"], np.nan_to_num(m["roc_auc"]), -val_loss)
+        score = (float(m["f1"]), float(np.nan_to_num(m["roc_auc"])), -val_loss)  # plain floats: weights_only
         if best is None or score > tuple(best["score"]):
             best = {"epoch": epoch + 1, "score": list(score), "metrics": {kk: float(v) for kk, v in m.items()},
                     "val_loss": val_loss, "ids": [str(df_va.Id[j]) for j in idx], "probs": torch.from_numpy(probs),
