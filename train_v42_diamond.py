@@ -21,7 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from titan.checkpoints import CheckpointError
 from titan.config import add_config_args, config_from_args
+from titan.data import LabelCSVError
+from titan.engine import NonFiniteLossError
 from titan.pipeline import STAGES, run_stages
 
 
@@ -40,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    run_stages(cfg, stages)
+    try:
+        run_stages(cfg, stages)
+    except (FileNotFoundError, LabelCSVError, CheckpointError, NonFiniteLossError, ValueError) as e:
+        # Bad input or a refused resume: the message names the file/row and the fix; no traceback.
+        print(f"train_v42_diamond.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

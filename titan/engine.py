@@ -124,12 +124,12 @@ def make_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 # --- model wrapping -----------------------------------------------------------------------------
 
 def prepare_model(model: nn.Module, env: DistEnv, channels_last: bool = False, compile: bool = False) -> nn.Module:
-    """Move to the device (channels_last on CUDA), wrap in DDP, then torch.compile if asked.
+    """Move to the device (NHWC weights if asked), wrap in DDP, then torch.compile if asked.
 
     Keep a reference to the unwrapped model for state dicts; checkpoints strip prefixes anyway.
     """
     model = model.to(env.device)
-    if channels_last and env.device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

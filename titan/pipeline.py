@@ -62,6 +62,11 @@ class Run:
     def path(self, name: str) -> Path:
         return self.out / name
 
+    @property
+    def channels_last(self) -> bool:
+        # ConvNeXt gains from NHWC only with cuDNN; on CPU it just adds layout copies.
+        return self.cfg.channels_last and self.env.device.type == "cuda"
+
 
 class _WarningsToRunLog(logging.Handler):
     """Route titan's warnings (e.g. an unreadable image replaced) into the run log."""
@@ -92,6 +97,8 @@ def session(cfg: TrainConfig, run: Run | None = None) -> Iterator[Run]:
             save_config(cfg, out / CONFIG_JSON)
         log.record("config", **dataclasses.asdict(cfg))
         log.info(f"run on {env.device} × {env.world_size} process(es); outputs in {out.resolve()}")
+        if cfg.gpu_decode:
+            log.info("NOTICE: --gpu-decode is not implemented yet; JPEGs are decoded by the loader workers")
         yield Run(cfg, env, log, out, out / cfg.ckpt_dir)
     finally:
         logger.removeHandler(handler)
@@ -112,10 +119,30 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
             run_infer(cfg, run)
 
 
+def check_resumable(state: dict, cfg: TrainConfig, names: Sequence[str], where: str) -> None:
+    """Refuse to continue a checkpoint made with settings that change what is being trained."""
+    saved = state.get("config") or {}
+    diff = {n: (saved.get(n), getattr(cfg, n)) for n in names if n in saved and saved[n] != getattr(cfg, n)}
+    if diff:
+        raise ValueError(f"{where} was made with other settings {diff} (checkpoint vs now); "
+                         "use a fresh --out-dir, or delete the checkpoint to start over")
+
+
+def restore_rng(r: Run, rng: dict, epoch: int) -> None:
+    """Resume rank 0's saved RNG streams; other ranks reseed from (seed, rank, epoch) so they stay distinct."""
+    engine.set_rng_state(rng)
+    if r.env.rank:
+        engine.seed_everything(r.cfg.seed + 7919 * r.env.rank + 104729 * epoch)
+
+
 # --- data ------------------------------------------------------------------------------------------
 
 def face_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
-    return Path(cfg.faces_dir) / "train", Path(cfg.faces_dir) / "test"
+    """{faces_dir}/train and {faces_dir}/test; the train folder must exist."""
+    train, test = Path(cfg.faces_dir) / "train", Path(cfg.faces_dir) / "test"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{train}: face folder not found — run align_faces.py first, or set --faces-dir")
+    return train, test
 
 
 def load_labels(cfg: TrainConfig, log: RunLog) -> pd.DataFrame:
@@ -204,16 +231,18 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
         if out_path.is_file() and int(read_meta(out_path).get("epoch", -1)) >= cfg.ssl_epochs:
             log.info(f"SSL already complete ({out_path}); skipping")
             return out_path
-        engine.seed_everything(cfg.seed)
+        engine.seed_everything(cfg.seed + env.rank)  # DDP: each rank its own masks and augmentations
         train_dir, test_dir = face_dirs(cfg)
         parts = [FaceDataset(ImageIndex(d).ids(), d, cfg.img_size, on_error="replace") for d in (train_dir, test_dir) if d.is_dir()]
         dataset = ConcatDataset(parts)
+        if len(dataset) == 0:
+            raise FileNotFoundError(f"no face images in {train_dir} or {test_dir}")
         sampler = engine.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = engine.make_loader(dataset, cfg.batch_size, sampler, cfg.num_workers, dev)
 
         raw = SimMIM(build_backbone(cfg.variant, cfg.drop_path), cfg.mask_patch, cfg.mask_ratio)
         raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
-        model = engine.prepare_model(raw, env, cfg.channels_last, cfg.compile)
+        model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
         optimizer = engine.make_optimizer(raw, cfg.ssl_lr, cfg.ssl_weight_decay, dev)
         steps = math.ceil(len(loader) / cfg.accum_steps)
         scheduler = engine.warmup_cosine(optimizer, cfg.ssl_warmup_epochs * steps, cfg.ssl_epochs * steps, cfg.min_lr_ratio)
@@ -223,10 +252,11 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
         start = 0
         state = engine.load_latest_state(r.ckpt, "ssl", log.info)
         if state is not None:
+            check_resumable(state, cfg, ("variant", "img_size", "mask_patch", "mask_ratio"), f"SSL checkpoint in {r.ckpt}")
             raw.load_state_dict(state["model"])
             stepper.load_state_dict(state["train"])
-            engine.set_rng_state(state["rng"])
             start = int(state["epoch"])
+            restore_rng(r, state["rng"], start)
             log.info(f"SSL: resuming after epoch {start} from {r.ckpt}")
         log.info(f"SSL: {len(dataset)} images, {len(loader)} batches/epoch of {cfg.batch_size}×{env.world_size}, "
                  f"accumulation {cfg.accum_steps}, epochs {start + 1}..{cfg.ssl_epochs}")
@@ -238,7 +268,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
             t0, total, seen, bad0 = time.time(), torch.zeros((), device=dev), 0, stepper.bad_total
             bar = tqdm(loader, desc=f"SSL ep {epoch + 1}/{cfg.ssl_epochs}", disable=not env.is_main, leave=False)
             for i, (x, _, _) in enumerate(bar):
-                x = augment_batch(aug, to_float_image(x, dev, cfg.channels_last))
+                x = augment_batch(aug, to_float_image(x, dev, r.channels_last))
                 sync = stepper.sync_next(i == len(loader) - 1)
                 with engine.no_sync(model, sync), engine.autocast(dev, cfg.amp):
                     batch_loss, _, _ = model(x)
@@ -347,7 +377,7 @@ def predict_logits(r: Run, model: nn.Module, loader: DataLoader) -> tuple[np.nda
     model.eval()
     for x, _, idx in loader:
         with engine.autocast(dev, r.cfg.amp):
-            logit, _ = model(to_float_image(x, dev, r.cfg.channels_last))
+            logit, _ = model(to_float_image(x, dev, r.channels_last))
         out.append(logit.float().cpu())
         idx_all.append(idx.cpu())
     idx = engine.all_gather_cat(r.env, torch.cat(idx_all) if idx_all else torch.zeros(0, dtype=torch.long))
@@ -363,7 +393,8 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
     assert not df.is_pseudo.to_numpy()[va].any(), "pseudo rows must never be validated on"
     df_tr, df_va = df.iloc[tr].reset_index(drop=True), df.iloc[va].reset_index(drop=True)
     y_tr, y_va = df_tr.target_feature.to_numpy(), df_va.target_feature.to_numpy()
-    engine.seed_everything(cfg.seed + 1 + k)  # each fold starts the same whether or not others ran
+    # Each fold starts the same whether or not other folds ran in this process.
+    engine.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)
 
     train_set = labelled_dataset(cfg, df_tr, on_error="replace")
     val_set = labelled_dataset(cfg, df_va, on_error="replace")
@@ -374,7 +405,7 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
                                     cfg.num_workers, dev)
 
     raw = build_classifier(cfg, r.path(SSL_WEIGHTS), log, pos_weight)
-    model = engine.prepare_model(raw, env, cfg.channels_last, cfg.compile)
+    model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
     optimizer = engine.make_optimizer(raw, cfg.ft_lr, cfg.ft_weight_decay, dev)
     steps = math.ceil(len(loader) / cfg.accum_steps)
     scheduler = engine.warmup_cosine(optimizer, cfg.ft_warmup_epochs * steps, cfg.ft_epochs * steps, cfg.min_lr_ratio)
@@ -385,10 +416,11 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
     start, best = 0, None  # best: {"epoch", "metrics", "probs", "model"}
     state = engine.load_latest_state(r.ckpt, stem, log.info)
     if state is not None:
+        check_resumable(state, cfg, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}")
         raw.load_state_dict(state["model"])
         stepper.load_state_dict(state["train"])
-        engine.set_rng_state(state["rng"])
         start, best = int(state["epoch"]), state["best"]
+        restore_rng(r, state["rng"], start)
         log.info(f"Fold {k}: resuming after epoch {start}")
     log.info(f"Fold {k}: {len(df_tr)} training rows ({int(df_tr.is_pseudo.sum())} pseudo), {len(df_va)} validation rows")
 
@@ -398,7 +430,7 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
         t0, total, seen = time.time(), torch.zeros((), device=dev), 0
         bar = tqdm(loader, desc=f"Fold {k} ep {epoch + 1}/{cfg.ft_epochs}", disable=not env.is_main, leave=False)
         for i, (x, y, _) in enumerate(bar):
-            x = augment_batch(aug, to_float_image(x, dev, cfg.channels_last))
+            x = augment_batch(aug, to_float_image(x, dev, r.channels_last))
             y = y.to(dev, non_blocking=True)
             sync = stepper.sync_next(i == len(loader) - 1)
             with engine.no_sync(model, sync), engine.autocast(dev, cfg.amp):
@@ -510,9 +542,9 @@ def run_infer(cfg: TrainConfig, run: Run | None = None) -> pd.DataFrame:
         if not found:
             raise FileNotFoundError(f"no {PREFIX}_backbone_fold*.pth / {PREFIX}_head_fold*.pth in {r.out}; run --stages finetune first")
         folds = [load_fold(b, h, m) for _, b, h, m in found]
-        models = [engine.prepare_model(f.model, engine.DistEnv(device=dev), cfg.channels_last).eval() for f in folds]
+        models = [engine.prepare_model(f.model, engine.DistEnv(device=dev), r.channels_last).eval() for f in folds]
         views = parse_tta(cfg.tta)
-        _, test_dir = face_dirs(cfg)
+        test_dir = Path(cfg.faces_dir) / "test"
         ids = id_order(ImageIndex(test_dir).ids())
         if not ids:
             raise FileNotFoundError(f"{test_dir}: no test face images")
@@ -523,7 +555,7 @@ def run_infer(cfg: TrainConfig, run: Run | None = None) -> pd.DataFrame:
         dataset = FaceDataset([ids[i] for i in mine], test_dir, cfg.img_size, on_error="raise")
         loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda")
         with tqdm(total=len(dataset), desc="inference", disable=not env.is_main, leave=False) as bar:
-            logits = predict_batches(models, loader, dev, views, cfg.amp, cfg.channels_last, progress=bar)
+            logits = predict_batches(models, loader, dev, views, cfg.amp, r.channels_last, progress=bar)
         pos = engine.all_gather_cat(env, torch.from_numpy(mine))
         per_fold = np.stack([engine.all_gather_cat(env, torch.from_numpy(l)).numpy() for l in logits])
         order = np.argsort(pos.numpy())
