@@ -15,6 +15,15 @@ from titan.heads import build_head
 from titan.pipeline import Classifier
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core runner, 2 spinning OpenMP threads run 3-5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _stepper(model: nn.Module, accum: int = 1, max_bad: int = 3) -> engine.Stepper:
     env = engine.DistEnv()
     opt = engine.make_optimizer(model, 0.1, 0.0, env.device)

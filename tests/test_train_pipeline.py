@@ -25,6 +25,15 @@ sys.path.insert(0, str(ROOT))
 import train_v42_diamond  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core runner, 2 spinning OpenMP threads run 3-5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_faces(root: Path, n_train: int = 24, n_test: int = 8, n_pseudo: int = 4, seed: int = 0) -> Path:
     """64-px JPEG 'faces': fakes carry a faint checkerboard (a learnable high-frequency cue)."""
     rng = np.random.default_rng(seed)
@@ -146,6 +155,31 @@ def test_rerun_skips_finished_stages_and_folds(tiny_run: Path, data: Path):
     assert "SSL already complete" in text and all(f"Fold {k} already complete; skipping" in text for k in range(2))
     assert len([1 for line in text.splitlines() if SSL_LINE.match(line)]) == 1  # no epoch redone
     assert (tiny_run / "submission_v42.csv").read_text() == before
+
+
+def test_gpu_decode_path_predicts_like_cpu_decoding(tiny_run: Path, data: Path):
+    """--gpu-decode (torchvision decode_jpeg on the training device; here the CPU) gives the same predictions."""
+    before = pd.read_csv(tiny_run / "predictions_v42.csv", dtype={"Id": str})
+    pipeline.run_stages(cfg_for(data, "full", n_folds=2, gpu_decode=True), ["infer"])
+    after = pd.read_csv(tiny_run / "predictions_v42.csv", dtype={"Id": str})
+    assert after.Id.tolist() == before.Id.tolist()
+    assert np.allclose(after.prob, before.prob, atol=0.02)
+
+
+def test_device_decoding_matches_cpu_decoding_and_replaces_a_corrupt_jpeg(data: Path, tmp_path: Path, caplog):
+    from titan.data import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
+
+    folder = data / "faces" / "train"
+    enc = EncodedFaceDataset(["0", "1", "2"], folder, 32)
+    x = decode_on_device(collate_encoded([enc[i] for i in range(3)])[0], 32, torch.device("cpu"))
+    ref = torch.stack([FaceDataset(["0", "1", "2"], folder, 32)[i][0] for i in range(3)])
+    assert x.shape == (3, 3, 32, 32) and (x.int() - ref.int()).abs().max() <= 2
+    (tmp_path / "0.jpg").write_bytes((folder / "0.jpg").read_bytes())
+    (tmp_path / "1.jpg").write_bytes((folder / "1.jpg").read_bytes()[:200])  # truncated
+    enc = EncodedFaceDataset(["0", "1"], tmp_path, 32)
+    x = decode_on_device(collate_encoded([enc[0], enc[1]])[0], 32, torch.device("cpu"))
+    assert torch.equal(x[0], x[1]) and x[0].float().std() > 5  # replaced by a real image, not black
+    assert "1.jpg" in caplog.text and "replaced" in caplog.text
 
 
 class Killed(RuntimeError):

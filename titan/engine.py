@@ -291,8 +291,11 @@ def _worker_init(worker_id: int) -> None:
     random.seed(s)
 
 
-def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, device: torch.device,
+                collate_fn=None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      # Not persistent: every epoch's iterator draws its seed from the global RNG, so a
+                      # resumed run consumes the RNG exactly as an uninterrupted one.
                       pin_memory=device.type == "cuda", persistent_workers=False,
                       worker_init_fn=_worker_init if num_workers else None,
                       prefetch_factor=4 if num_workers else None)

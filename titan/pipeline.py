@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, SequentialSampler
 from tqdm import tqdm
 
 from . import engine
@@ -30,7 +30,7 @@ from .augment import augment_batch, build_augment
 from .checkpoints import atomic_write, load_file, load_into, read_meta, save_atomic, save_checkpoint
 from .config import TrainConfig, save_config
 from .convnextv2 import build_backbone
-from .data import FaceDataset, ImageIndex, LabelCSVError, read_labels
+from .data import EncodedFaceDataset, FaceDataset, ImageIndex, LabelCSVError, collate_encoded, decode_on_device, read_labels
 from .ensemble import FoldModel, ensemble_probability, find_folds, load_fold, parse_tta, predict_batches, to_float_image
 from .heads import ArcFaceHead, build_head
 from .metrics import format_report, report
@@ -67,6 +67,21 @@ class Run:
         # ConvNeXt gains from NHWC only with cuDNN; on CPU it just adds layout copies.
         return self.cfg.channels_last and self.env.device.type == "cuda"
 
+    def faces(self, ids: Sequence[str], folder: Path, labels=None, on_error: str = "replace") -> FaceDataset:
+        """The dataset for these Ids; with ``gpu_decode`` JPEG bytes travel and decode on the device."""
+        cls = EncodedFaceDataset if self.cfg.gpu_decode else FaceDataset
+        return cls(list(ids), folder, self.cfg.img_size, labels, on_error=on_error)
+
+    def loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        return engine.make_loader(dataset, batch_size, sampler, self.cfg.num_workers, self.env.device,
+                                  collate_fn=collate_encoded if self.cfg.gpu_decode else None)
+
+    def images(self, x) -> torch.Tensor:
+        """A loader batch → float [0,1] (B,3,S,S) on the device (decoded there with ``gpu_decode``)."""
+        if isinstance(x, list):
+            x = decode_on_device(x, self.cfg.img_size, self.env.device)
+        return to_float_image(x, self.env.device, self.channels_last)
+
 
 class _WarningsToRunLog(logging.Handler):
     """Route titan's warnings (e.g. an unreadable image replaced) into the run log."""
@@ -97,8 +112,6 @@ def session(cfg: TrainConfig, run: Run | None = None) -> Iterator[Run]:
             save_config(cfg, out / CONFIG_JSON)
         log.record("config", **dataclasses.asdict(cfg))
         log.info(f"run on {env.device} × {env.world_size} process(es); outputs in {out.resolve()}")
-        if cfg.gpu_decode:
-            log.info("NOTICE: --gpu-decode is not implemented yet; JPEGs are decoded by the loader workers")
         yield Run(cfg, env, log, out, out / cfg.ckpt_dir)
     finally:
         logger.removeHandler(handler)
@@ -192,15 +205,15 @@ def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def labelled_dataset(cfg: TrainConfig, df: pd.DataFrame, on_error: str) -> ConcatDataset:
+def labelled_dataset(r: Run, df: pd.DataFrame) -> ConcatDataset:
     """Real rows from the train faces, then pseudo rows from the test faces (dataset order = df order
     when ``df`` lists real rows first, as the callers arrange)."""
-    train_dir, test_dir = face_dirs(cfg)
+    train_dir, test_dir = face_dirs(r.cfg)
     parts = []
     for pseudo, folder in ((False, train_dir), (True, test_dir)):
         sub = df[df.is_pseudo == pseudo]
         if len(sub):
-            parts.append(FaceDataset(sub.Id.tolist(), folder, cfg.img_size, sub.target_feature.tolist(), on_error=on_error))
+            parts.append(r.faces(sub.Id.tolist(), folder, sub.target_feature.tolist()))
     return ConcatDataset(parts)
 
 
@@ -233,12 +246,12 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
             return out_path
         engine.seed_everything(cfg.seed + env.rank)  # DDP: each rank its own masks and augmentations
         train_dir, test_dir = face_dirs(cfg)
-        parts = [FaceDataset(ImageIndex(d).ids(), d, cfg.img_size, on_error="replace") for d in (train_dir, test_dir) if d.is_dir()]
+        parts = [r.faces(ImageIndex(d).ids(), d) for d in (train_dir, test_dir) if d.is_dir()]
         dataset = ConcatDataset(parts)
         if len(dataset) == 0:
             raise FileNotFoundError(f"no face images in {train_dir} or {test_dir}")
         sampler = engine.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
-        loader = engine.make_loader(dataset, cfg.batch_size, sampler, cfg.num_workers, dev)
+        loader = r.loader(dataset, cfg.batch_size, sampler)
 
         raw = SimMIM(build_backbone(cfg.variant, cfg.drop_path), cfg.mask_patch, cfg.mask_ratio)
         raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
@@ -249,26 +262,25 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
         stepper = engine.Stepper(model, optimizer, scheduler, engine.make_scaler(dev, cfg.amp), env, cfg.accum_steps, cfg.max_bad_steps)
         aug = build_augment("ssl").to(dev)
 
-        start = 0
+        start, loss = 0, float("nan")
         state = engine.load_latest_state(r.ckpt, "ssl", log.info)
         if state is not None:
             check_resumable(state, cfg, ("variant", "img_size", "mask_patch", "mask_ratio"), f"SSL checkpoint in {r.ckpt}")
             raw.load_state_dict(state["model"])
             stepper.load_state_dict(state["train"])
-            start = int(state["epoch"])
+            start, loss = int(state["epoch"]), float(state.get("loss", float("nan")))
             restore_rng(r, state["rng"], start)
             log.info(f"SSL: resuming after epoch {start} from {r.ckpt}")
         log.info(f"SSL: {len(dataset)} images, {len(loader)} batches/epoch of {cfg.batch_size}×{env.world_size}, "
                  f"accumulation {cfg.accum_steps}, epochs {start + 1}..{cfg.ssl_epochs}")
 
-        loss = float("nan")
         for epoch in range(start, cfg.ssl_epochs):
             sampler.set_epoch(epoch)
             model.train()
             t0, total, seen, bad0 = time.time(), torch.zeros((), device=dev), 0, stepper.bad_total
             bar = tqdm(loader, desc=f"SSL ep {epoch + 1}/{cfg.ssl_epochs}", disable=not env.is_main, leave=False)
             for i, (x, _, _) in enumerate(bar):
-                x = augment_batch(aug, to_float_image(x, dev, r.channels_last))
+                x = augment_batch(aug, r.images(x))
                 sync = stepper.sync_next(i == len(loader) - 1)
                 with engine.no_sync(model, sync), engine.autocast(dev, cfg.amp):
                     batch_loss, _, _ = model(x)
@@ -282,7 +294,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
             log.record("ssl_epoch", epoch=epoch + 1, loss=loss, lr=stepper.lr, img_s=img_s, bad_steps=stepper.bad_total - bad0)
             if env.is_main:
                 engine.save_train_state(r.ckpt, "ssl", epoch + 1, keep=cfg.keep_checkpoints, model=raw.state_dict(),
-                                        train=stepper.state_dict(), config=dataclasses.asdict(cfg))
+                                        train=stepper.state_dict(), loss=loss, config=dataclasses.asdict(cfg))
             engine.barrier(env)
 
         if env.is_main:
@@ -366,6 +378,8 @@ def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: 
     else:
         log.info(f"NOTICE: {ssl_path} not found — fine-tuning from random initialisation (run --stages ssl first)")
     kwargs = {"dropout": cfg.dropout} if cfg.head == "linear" else {}
+    if cfg.head == "arcface" and pos_weight:
+        log.info("NOTICE: the ArcFace margin loss takes no pos_weight; use --imbalance sampler to balance classes")
     head = build_head(cfg.head, backbone.num_features, **kwargs)
     return Classifier(backbone, head, cfg.label_smoothing, pos_weight)
 
@@ -377,7 +391,7 @@ def predict_logits(r: Run, model: nn.Module, loader: DataLoader) -> tuple[np.nda
     model.eval()
     for x, _, idx in loader:
         with engine.autocast(dev, r.cfg.amp):
-            logit, _ = model(to_float_image(x, dev, r.channels_last))
+            logit, _ = model(r.images(x))
         out.append(logit.float().cpu())
         idx_all.append(idx.cpu())
     idx = engine.all_gather_cat(r.env, torch.cat(idx_all) if idx_all else torch.zeros(0, dtype=torch.long))
@@ -396,13 +410,11 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
     # Each fold starts the same whether or not other folds ran in this process.
     engine.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)
 
-    train_set = labelled_dataset(cfg, df_tr, on_error="replace")
-    val_set = labelled_dataset(cfg, df_va, on_error="replace")
+    train_set, val_set = labelled_dataset(r, df_tr), labelled_dataset(r, df_va)
     pos_weight, weights = _imbalance(cfg, y_tr)
     sampler = engine.make_sampler(len(train_set), env, shuffle=True, seed=cfg.seed + k, weights=weights)
-    loader = engine.make_loader(train_set, cfg.batch_size, sampler, cfg.num_workers, dev)
-    val_loader = engine.make_loader(val_set, cfg.infer_batch_size, engine.make_sampler(len(val_set), env, False, 0),
-                                    cfg.num_workers, dev)
+    loader = r.loader(train_set, cfg.batch_size, sampler)
+    val_loader = r.loader(val_set, cfg.infer_batch_size, engine.make_sampler(len(val_set), env, False, 0))
 
     raw = build_classifier(cfg, r.path(SSL_WEIGHTS), log, pos_weight)
     model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
@@ -430,7 +442,7 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
         t0, total, seen = time.time(), torch.zeros((), device=dev), 0
         bar = tqdm(loader, desc=f"Fold {k} ep {epoch + 1}/{cfg.ft_epochs}", disable=not env.is_main, leave=False)
         for i, (x, y, _) in enumerate(bar):
-            x = augment_batch(aug, to_float_image(x, dev, r.channels_last))
+            x = augment_batch(aug, r.images(x))
             y = y.to(dev, non_blocking=True)
             sync = stepper.sync_next(i == len(loader) - 1)
             with engine.no_sync(model, sync), engine.autocast(dev, cfg.amp):
@@ -542,7 +554,7 @@ def run_infer(cfg: TrainConfig, run: Run | None = None) -> pd.DataFrame:
         if not found:
             raise FileNotFoundError(f"no {PREFIX}_backbone_fold*.pth / {PREFIX}_head_fold*.pth in {r.out}; run --stages finetune first")
         folds = [load_fold(b, h, m) for _, b, h, m in found]
-        models = [engine.prepare_model(f.model, engine.DistEnv(device=dev), r.channels_last).eval() for f in folds]
+        models = [engine.prepare_model(f.model, engine.DistEnv(device=dev), r.channels_last, cfg.compile).eval() for f in folds]
         views = parse_tta(cfg.tta)
         test_dir = Path(cfg.faces_dir) / "test"
         ids = id_order(ImageIndex(test_dir).ids())
@@ -552,10 +564,11 @@ def run_infer(cfg: TrainConfig, run: Run | None = None) -> pd.DataFrame:
 
         # Each rank predicts a strided share; unreadable test images are errors (no guessed rows).
         mine = np.arange(env.rank, len(ids), env.world_size)
-        dataset = FaceDataset([ids[i] for i in mine], test_dir, cfg.img_size, on_error="raise")
-        loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda")
+        dataset = r.faces([ids[i] for i in mine], test_dir, on_error="raise")
+        loader = r.loader(dataset, cfg.infer_batch_size, SequentialSampler(dataset))
+        batches = (r.images(x) for x, _, _ in loader)
         with tqdm(total=len(dataset), desc="inference", disable=not env.is_main, leave=False) as bar:
-            logits = predict_batches(models, loader, dev, views, cfg.amp, r.channels_last, progress=bar)
+            logits = predict_batches(models, batches, dev, views, cfg.amp, r.channels_last, progress=bar)
         pos = engine.all_gather_cat(env, torch.from_numpy(mine))
         per_fold = np.stack([engine.all_gather_cat(env, torch.from_numpy(l)).numpy() for l in logits])
         order = np.argsort(pos.numpy())
