@@ -101,6 +101,9 @@ def session(cfg: TrainConfig, run: Run | None = None) -> Iterator[Run]:
         yield run
         return
     env = engine.setup_distributed(cfg.device)
+    if cfg.threads > 0:
+        # Small models on a shared CPU: extra OpenMP threads spin and slow every op down.
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     log = RunLog(out / LOG_TXT, out / LOG_JSONL, enabled=env.is_main)
     handler = _WarningsToRunLog(log)
