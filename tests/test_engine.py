@@ -8,20 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from titan import engine
 from titan.augment import augment_batch, build_augment
 from titan.checkpoints import load_file
 from titan.heads import build_head
 from titan.pipeline import Classifier
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner, 2 spinning OpenMP threads run 3-5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _stepper(model: nn.Module, accum: int = 1, max_bad: int = 3) -> engine.Stepper:

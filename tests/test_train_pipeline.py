@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from titan import engine, pipeline
 from titan.checkpoints import load_file, load_state_dict
 from titan.config import make_config
@@ -23,15 +24,6 @@ from titan.runlog import read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_v42_diamond  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner, 2 spinning OpenMP threads run 3-5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_faces(root: Path, n_train: int = 24, n_test: int = 8, n_pseudo: int = 4, seed: int = 0) -> Path:

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,12 @@ def all_reduce_sum(env: DistEnv, *values: float) -> list[float]:
     if env.distributed:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def epoch_mean(env: DistEnv, loss_sum: torch.Tensor | float, seen: int, sampled: int, t0: float) -> tuple[float, float]:
+    """(mean loss over every rank's finite steps, images/s over all ranks) for an epoch begun at ``t0``."""
+    total, seen, images = all_reduce_sum(env, float(loss_sum), seen, sampled)
+    return total / max(seen, 1), images / max(time.time() - t0, 1e-9)
 
 
 def all_gather_cat(env: DistEnv, t: torch.Tensor) -> torch.Tensor:

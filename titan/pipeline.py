@@ -291,8 +291,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
                     total += batch_loss.detach().float() * len(x)
                     seen += len(x)
             stepper.flush()
-            total, seen, images = engine.all_reduce_sum(env, float(total), seen, len(sampler))
-            loss, img_s = total / max(seen, 1), images / max(time.time() - t0, 1e-9)
+            loss, img_s = engine.epoch_mean(env, total, seen, len(sampler), t0)
             log.info(f"SSL Ep {epoch + 1} | Loss: {loss:.4f} | LR: {stepper.lr:.1e}")
             log.record("ssl_epoch", epoch=epoch + 1, loss=loss, lr=stepper.lr, img_s=img_s, bad_steps=stepper.bad_total - bad0)
             if env.is_main:
@@ -454,8 +453,7 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
                 total += batch_loss.detach().float() * len(x)
                 seen += len(x)
         stepper.flush()
-        total, seen, images = engine.all_reduce_sum(env, float(total), seen, len(sampler))
-        train_loss, img_s = total / max(seen, 1), images / max(time.time() - t0, 1e-9)
+        train_loss, img_s = engine.epoch_mean(env, total, seen, len(sampler), t0)
 
         idx, logits = predict_logits(r, model, val_loader)
         yv = y_va[idx]
