@@ -86,6 +86,7 @@ def test_tiny_run_writes_every_output(tiny_run: Path, data: Path):
     assert not [n for n in names if not (tiny_run / n).is_file()]
     cfg = json.loads((tiny_run / "config_v42.json").read_text())
     assert cfg["n_folds"] == 2 and cfg["variant"] == "atto"
+    assert load_file(tiny_run / "v42_backbone_fold0.pth")["meta"]["config"]["n_folds"] == 2  # config as plain types
     meta = load_file(tiny_run / "v42_meta_fold1.pth")  # weights_only=True
     assert {"th", "f1", "auc", "variant", "head", "img_size", "epoch"} <= set(meta) and 0 < meta["th"] < 1
     assert load_state_dict(tiny_run / "v42_head_fold0.pth")["head.1.weight"].shape == (1, 320)
@@ -229,6 +230,30 @@ def test_fold_resumes_after_a_kill_and_matches_an_uninterrupted_run(data: Path, 
     pd.testing.assert_frame_equal(oof_a, oof_b)
     recs, _ = read_jsonl(data / "ft_b" / "training_v42_log.jsonl")
     assert [(r["fold"], r["epoch"]) for r in recs if r["event"] == "ft_epoch"] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+def test_non_finite_ssl_loss_is_skipped_and_counted_then_stops_the_run_naming_the_step(data: Path, monkeypatch):
+    from titan.simmim import SimMIM
+
+    real, calls = SimMIM.forward, {"n": 0}
+
+    def nan_on(steps):
+        def forward(self, x, mask=None):
+            calls["n"] += 1
+            loss, rec, m = real(self, x, mask)
+            return (loss * float("nan") if calls["n"] in steps else loss), rec, m
+        return forward
+
+    over = dict(img_size=32, batch_size=8, max_bad_steps=2)
+    monkeypatch.setattr(SimMIM, "forward", nan_on({2}))
+    pipeline.run_stages(cfg_for(data, "nan_once", **over), ["ssl"])
+    recs, _ = read_jsonl(data / "nan_once" / "training_v42_log.jsonl")
+    ep = [r for r in recs if r["event"] == "ssl_epoch"]
+    assert ep[0]["bad_steps"] == 1 and np.isfinite(ep[0]["loss"])
+    calls["n"] = 0
+    monkeypatch.setattr(SimMIM, "forward", nan_on({2, 3}))
+    with pytest.raises(engine.NonFiniteLossError, match="2 non-finite losses in a row, the last at SSL epoch 1 step 3"):
+        pipeline.run_stages(cfg_for(data, "nan_twice", **over), ["ssl"])
 
 
 def test_missing_faces_are_an_error_listing_them_unless_skipped(tmp_path: Path):

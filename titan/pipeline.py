@@ -301,7 +301,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
 
         if env.is_main:
             save_checkpoint(raw.encoder, out_path, variant=cfg.variant, img_size=cfg.img_size, epoch=cfg.ssl_epochs,
-                            metrics={"loss": loss})
+                            metrics={"loss": loss}, config=dataclasses.asdict(cfg))
             log.info(f"SSL done → {out_path}")
         engine.barrier(env)
         return out_path
@@ -493,7 +493,7 @@ def save_fold(r: Run, k: int, best: dict) -> None:
     cfg, m = r.cfg, best["metrics"]
     sd = best["model"]
     meta = dict(variant=cfg.variant, head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
-                metrics={kk: float(v) for kk, v in m.items()})
+                metrics={kk: float(v) for kk, v in m.items()}, config=dataclasses.asdict(cfg))
     for part in ("backbone", "head"):
         part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
         save_checkpoint(part_sd, r.path(f"{PREFIX}_{part}_fold{k}.pth"), **meta)
