@@ -552,6 +552,10 @@ def run_infer(cfg: TrainConfig, run: Run | None = None) -> pd.DataFrame:
     with session(cfg, run) as r:
         env, log, dev = r.env, r.log, r.env.device
         found = find_folds(r.out, PREFIX)
+        extra = [k for k, *_ in found if k >= cfg.n_folds]
+        if extra:  # left over from a run with more folds
+            log.info(f"NOTICE: ignoring fold files {extra} in {r.out} (n_folds={cfg.n_folds})")
+            found = [f for f in found if f[0] < cfg.n_folds]
         if not found:
             raise FileNotFoundError(f"no {PREFIX}_backbone_fold*.pth / {PREFIX}_head_fold*.pth in {r.out}; run --stages finetune first")
         folds = [load_fold(b, h, m) for _, b, h, m in found]
