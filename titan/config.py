@@ -58,6 +58,12 @@ class TrainConfig:
     compile: bool = False
     gpu_decode: bool = False
     max_bad_steps: int = 5
+    # training details (added with the training pipeline)
+    jpeg_p: float = 0.3            # share of fine-tuning images re-compressed as JPEG
+    min_lr_ratio: float = 0.01     # cosine floor as a fraction of the base LR
+    ckpt_dir: str = "checkpoints_v42"  # resumable training states, under out_dir
+    keep_checkpoints: int = 2      # newest epoch states kept per stage/fold
+    threads: int = 0               # CPU intra-op threads (0 = torch's default)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -65,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the demo: the small variant on small images for 1–2 epochs on CPU.
     "tiny": dict(variant="atto", img_size=64, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
                  ssl_warmup_epochs=0, mask_patch=32, ft_epochs=2, ft_warmup_epochs=0, infer_batch_size=16,
-                 tta="identity,hflip"),
+                 tta="identity,hflip", threads=1),
 }
 
 

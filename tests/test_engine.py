@@ -1,0 +1,146 @@
+"""Fit-loop pieces: non-finite guard, accumulation, schedule, AMP choice, checkpoints/RNG, samplers, augment."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from _single_thread import single_thread  # noqa: F401  (autouse fixture)
+from titan import engine
+from titan.augment import augment_batch, build_augment
+from titan.checkpoints import load_file
+from titan.heads import build_head
+from titan.pipeline import Classifier
+
+
+def _stepper(model: nn.Module, accum: int = 1, max_bad: int = 3) -> engine.Stepper:
+    env = engine.DistEnv()
+    opt = engine.make_optimizer(model, 0.1, 0.0, env.device)
+    sched = engine.warmup_cosine(opt, 0, 10)
+    return engine.Stepper(model, opt, sched, engine.make_scaler(env.device, True), env, accum, max_bad)
+
+
+def test_non_finite_loss_is_skipped_counted_and_stops_after_max_bad_steps_naming_the_step():
+    model = nn.Linear(2, 1)
+    st = _stepper(model, max_bad=3)
+    w0 = model.weight.detach().clone()
+    nan_loss = model(torch.ones(1, 2)).sum() * float("nan")
+    assert st.backward(nan_loss, "step A") is False and st.bad_total == 1
+    assert torch.equal(model.weight, w0) and model.weight.grad is None  # nothing back-propagated
+    assert st.backward(model(torch.ones(1, 2)).sum(), "step B") is True  # a finite step resets the run
+    assert not torch.equal(model.weight, w0) and st.bad_in_row == 0
+    st.backward(model(torch.ones(1, 2)).sum() * float("inf"), "step C")
+    st.backward(model(torch.ones(1, 2)).sum() * float("nan"), "step D")
+    with pytest.raises(engine.NonFiniteLossError, match="3 non-finite losses in a row, the last at step E"):
+        st.backward(model(torch.ones(1, 2)).sum() * float("nan"), "step E")
+    assert st.bad_total == 4
+
+
+def test_accumulation_updates_every_n_micro_steps_and_flushes_the_rest():
+    model = nn.Linear(2, 1)
+    st = _stepper(model, accum=3)
+    w0 = model.weight.detach().clone()
+    for i in range(2):
+        st.backward(model(torch.ones(1, 2)).sum(), f"s{i}")
+    assert torch.equal(model.weight, w0) and st.micro == 2
+    st.backward(model(torch.ones(1, 2)).sum(), "s2")
+    w1 = model.weight.detach().clone()
+    assert not torch.equal(w1, w0) and st.micro == 0 and st.scheduler.last_epoch == 1
+    st.backward(model(torch.ones(1, 2)).sum(), "s3")
+    st.flush()  # epoch end: the partial window still updates
+    assert not torch.equal(model.weight, w1) and st.scheduler.last_epoch == 2
+    assert not st.sync_next(False) and st.sync_next(True)
+
+
+def test_warmup_then_cosine_schedule():
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = engine.warmup_cosine(opt, warmup_steps=4, total_steps=14, min_ratio=0.01)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 0.9)))
+
+
+def test_no_weight_decay_on_norms_biases_and_grn():
+    opt = engine.make_optimizer(build_head("linear", 8), 1e-3, 0.05, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert [p.ndim for p in decay["params"]] == [2] and [p.ndim for p in no_decay["params"]] == [1]
+
+
+def test_amp_is_off_on_cpu_and_the_scaler_only_runs_for_fp16():
+    cpu = torch.device("cpu")
+    assert engine.amp_dtype(cpu, True) is None and not engine.make_scaler(cpu, True).is_enabled()
+
+
+def test_newest_complete_checkpoint_wins_and_a_corrupt_newer_one_is_reported(tmp_path):
+    model = nn.Linear(2, 1)
+    for ep in (1, 2, 3):
+        engine.save_train_state(tmp_path, "ssl", ep, keep=2, model=model.state_dict(), config={"a": 1})
+    assert [e for e, _ in engine.checkpoint_files(tmp_path, "ssl")] == [3, 2]  # pruned to the newest two
+    (tmp_path / "ssl_ep3.pth").write_bytes(b"half a file")
+    skipped = []
+    st = engine.load_latest_state(tmp_path, "ssl", skipped.append)
+    assert st["epoch"] == 2 and st["config"] == {"a": 1} and "ssl_ep3.pth" in skipped[0]
+    assert isinstance(load_file(tmp_path / "ssl_ep2.pth")["rng"]["torch"], torch.Tensor)  # weights_only loads
+    engine.remove_train_states(tmp_path, "ssl")
+    assert engine.load_latest_state(tmp_path, "ssl") is None
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    engine.seed_everything(5)
+    engine.save_train_state(tmp_path, "s", 1, model={})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    engine.seed_everything(99)
+    engine.set_rng_state(load_file(tmp_path / "s_ep1.pth")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_samplers_split_ranks_and_balance_classes():
+    a = engine.make_sampler(10, engine.DistEnv(rank=0, world_size=2), shuffle=True, seed=1)
+    b = engine.make_sampler(10, engine.DistEnv(rank=1, world_size=2), shuffle=True, seed=1)
+    assert sorted(list(a) + list(b)) == list(range(10))
+    w = np.where(np.arange(100) < 90, 1 / 90, 1 / 10)  # 90 negatives, 10 positives
+    s = engine.make_sampler(100, engine.DistEnv(), shuffle=True, seed=0, weights=w)
+    s.set_epoch(0)
+    draws = np.array(list(s))
+    assert len(draws) == 100 and 30 < (draws >= 90).sum() < 70
+    s.set_epoch(1)
+    assert not np.array_equal(draws, np.array(list(s)))
+
+
+def test_augmentations_draw_parameters_per_image_and_stay_in_range():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64).repeat(8, 1, 1, 1)
+    y = augment_batch(build_augment("finetune", jpeg_p=1.0), x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    diffs = [(y[i] - y[0]).abs().mean().item() for i in range(1, 8)]
+    assert min(diffs) > 1e-4  # each image got its own draw
+    s = augment_batch(build_augment("ssl"), x)
+    assert s.shape == x.shape and torch.equal(augment_batch(build_augment("none"), x), x)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        build_augment("heavy")
+
+
+def test_classifier_losses_reach_every_parameter_for_both_heads():
+    from titan.convnextv2 import build_backbone
+
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    for kind in ("linear", "arcface"):
+        bb = build_backbone("atto")
+        m = Classifier(bb, build_head(kind, bb.num_features), label_smoothing=0.1, pos_weight=2.0)
+        logit, loss = m(x, y)
+        loss.backward()
+        assert logit.shape == (4,) and torch.isfinite(loss)
+        assert all(p.grad is not None for n, p in m.head.named_parameters()), kind
+    # Label smoothing: a perfectly confident correct logit still has a positive loss.
+    m = Classifier(nn.Identity(), nn.Identity(), label_smoothing=0.1)
+    _, loss = m(torch.tensor([20.0]), torch.tensor([1.0]))
+    assert loss.item() > 0.5

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Stage 3: SimMIM pretraining, 5-fold fine-tuning and TTA inference of the V42 detector.
+
+Command (README recipe; every config field is a flag, ``--help`` lists them):
+    python train_v42_diamond.py                       # ssl → finetune → infer
+    python train_v42_diamond.py --stages infer        # one stage
+    python train_v42_diamond.py --preset tiny --faces-dir data/demo_faces --out-dir runs/tiny
+    torchrun --nproc_per_node 8 train_v42_diamond.py  # DDP, same outputs
+
+Inputs:  {faces_dir}/train/{Id}.jpg, {faces_dir}/test/{Id}.jpg (default data/faces_512);
+         train_csv (default train_diamond.csv: Id,target_feature,is_pseudo), falling back to
+         fallback_csv (data/dataset/train_solution.csv) with a logged notice.
+Outputs (in out_dir, default .): titan_v42_ssl.pth; v42_backbone_fold{k}.pth,
+         v42_head_fold{k}.pth, v42_meta_fold{k}.pth; oof_v42.csv; metrics_v42.json;
+         predictions_v42.csv; submission_v42.csv; training_v42_log.txt / .jsonl;
+         config_v42.json; resumable states in {out_dir}/checkpoints_v42/.
+A rerun resumes: finished stages and folds are skipped, interrupted ones continue.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from titan.checkpoints import CheckpointError
+from titan.config import add_config_args, config_from_args
+from titan.data import LabelCSVError
+from titan.engine import NonFiniteLossError
+from titan.pipeline import STAGES, run_stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated stages to run, in pipeline order (default: %(default)s)")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        parser.error(f"unknown stage(s) {bad}; choose from {','.join(STAGES)}")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        run_stages(cfg, stages)
+    except (FileNotFoundError, LabelCSVError, CheckpointError, NonFiniteLossError, ValueError) as e:
+        # Bad input or a refused resume: the message names the file/row and the fix; no traceback.
+        print(f"train_v42_diamond.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
