@@ -462,9 +462,9 @@ def build_dataset(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), photos: S
     return manifest
 
 
-def add_spec_args(parser: argparse.ArgumentParser) -> None:
+def add_spec_args(parser: argparse.ArgumentParser, n_images_help: str = "") -> None:
     d = DemoSpec()
-    parser.add_argument("--n-images", type=int, default=d.n_images, help="images in all (default: %(default)s)")
+    parser.add_argument("--n-images", type=int, default=d.n_images, help=n_images_help or "images in all (default: %(default)s)")
     parser.add_argument("--fake-fraction", type=float, default=d.fake_fraction, help="share of fakes (default: %(default)s)")
     parser.add_argument("--test-fraction", type=float, default=d.test_fraction,
                         help="share of each class held out as the test set (default: %(default)s)")
@@ -477,9 +477,8 @@ def spec_from_args(args: argparse.Namespace) -> DemoSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m titan.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="demo_run", help="folder to write the demo set into")
+    parser = argparse.ArgumentParser(prog="python -m titan.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_run", help="folder to write the demo set into (default: %(default)s)")
     add_spec_args(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
