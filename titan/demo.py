@@ -13,7 +13,8 @@ Photos (never downloaded): scikit-image's ``astronaut`` and ``camera`` and matpl
 scales, rotations, backgrounds, colour, blur, JPEG quality and image sizes. Fakes are made the way
 face-swap deepfakes are: MTCNN finds the face and its five landmarks, a source face (another
 photo's, aligned by the landmarks with a similarity transform, or the same face altered in colour,
-sharpness and geometry: self-blended images, Shiohara & Yamasaki, CVPR 2022) is blended into the
+sharpness and geometry: self-blended images, Shiohara & Yamasaki, CVPR 2022), often at a swap
+generator's low resolution, is blended into the
 target through a soft face-region mask (alpha or Poisson blending), then the fake goes through the
 very same post-processing as the reals, so only the blending artefacts tell them apart.
 
@@ -207,6 +208,17 @@ def _sharpness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.addWeighted(img, 1.8, blur, -0.8, 0)  # unsharp mask
 
 
+def _generator_resolution(img: np.ndarray, face_size: float, rng: np.random.Generator) -> np.ndarray:
+    """Face-swap generators output faces of 64–256 px that are resized into the frame: the
+    swapped face comes out softer than its surroundings."""
+    factor = face_size / rng.uniform(40, 96)
+    if factor < 1.2:
+        return img
+    h, w = img.shape[:2]
+    small = cv2.resize(img, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC if rng.random() < 0.5 else cv2.INTER_LINEAR)
+
+
 def _match_colour(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, strength: float) -> np.ndarray:
     """Reinhard colour transfer in Lab inside the mask: what swap tools do to hide the seam."""
     m = mask > 0.5
@@ -255,6 +267,8 @@ def make_fake(target: Photo, photos: Sequence[Photo], rng: np.random.Generator) 
     else:  # self-blended image: the same face, altered, so identity gives nothing away
         source = _colour_jitter(tgt, rng, strength=rng.uniform(0.5, 1.0))
         kind = "self_blend"
+    if rng.random() < 0.7:
+        source = _generator_resolution(source, target.face_size, rng)
     if rng.random() < 0.6:
         source = _sharpness(source, rng)
     source = _jitter_geometry(source, target, rng)
