@@ -128,3 +128,15 @@ def test_bad_spec_is_refused():
         demo.plan(demo.DemoSpec(n_images=3))
     with pytest.raises(ValueError, match="fake_fraction"):
         demo.plan(demo.DemoSpec(fake_fraction=1.5))
+
+
+def test_own_photos_folder_adds_faces_and_an_empty_one_is_refused(tmp_path):
+    from skimage import data
+
+    (tmp_path / "mine").mkdir()
+    cv2.imwrite(str(tmp_path / "mine" / "me.png"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    photos = demo.load_photos(tmp_path / "mine")
+    assert [p.name.split("/")[-1] for p in photos] == [*demo.FACE_PHOTOS, "me.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(demo.DemoDataError, match="empty: no images"):
+        demo.load_photos(tmp_path / "empty")
