@@ -10,9 +10,9 @@ from titan import demo
 from titan.data import decode_image, read_labels
 
 
-@pytest.fixture(scope="module")
-def photos():
-    return demo.load_photos()
+@pytest.fixture()
+def photos(demo_photos):
+    return demo_photos
 
 
 def _build(tmp_path, photos, name="out", **kw):

@@ -53,9 +53,9 @@ def stub_repo(tmp_path):
     return repo
 
 
-@pytest.fixture(scope="module")
-def photos():
-    return demo.load_photos()
+@pytest.fixture()
+def photos(demo_photos):
+    return demo_photos
 
 
 def _opts(argv):
