@@ -325,7 +325,8 @@ def draw_post_params(rng: np.random.Generator, n_backgrounds: int) -> PostParams
     return PostParams(
         face_fraction=rng.uniform(0.3, 0.75), aspect=float(np.exp(rng.uniform(-0.3, 0.3))),
         shift=(rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8)), angle=rng.uniform(-10, 10),
-        flip=bool(rng.random() < 0.5), out_long=int(rng.integers(160, 449)),
+        # long side 144–320 px: varied, and small enough that MTCNN (align_faces.py) stays quick on a CPU
+        flip=bool(rng.random() < 0.5), out_long=int(rng.integers(144, 321)),
         background=int(rng.integers(n_backgrounds)), grey=bool(rng.random() < 0.08),
         brightness=rng.uniform(-20, 20), contrast=rng.uniform(0.8, 1.2), saturation=rng.uniform(0.7, 1.3),
         gamma=rng.uniform(0.8, 1.25), blur=float(rng.uniform(0.3, 1.2)) if rng.random() < 0.3 else 0.0,
