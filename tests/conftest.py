@@ -17,3 +17,11 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_photos():
+    """The demo's shipped face photos with their MTCNN faces, found once per test session."""
+    from titan import demo
+
+    return demo.load_photos()
