@@ -47,24 +47,24 @@ def dataset(tmp_path_factory):
     src = root / "train_images"
     src.mkdir(parents=True)
     truth, status = {}, {}
-    scenes = {"face_a": ((240, 320), 160, (30, 100)), "face_b": ((300, 400), 220, (60, 20)),
-              "face_c": ((360, 360), 300, (40, 40)), "face_d": ((256, 200), 150, (90, 30)),
-              "face_e": ((240, 320), 180, (50, 120))}  # face_e: same size as face_a → one batch
+    scenes = {"face_a": ((200, 260), 160, (30, 80)), "face_b": ((240, 300), 200, (30, 20)),
+              "face_c": ((280, 280), 240, (20, 30)), "face_d": ((256, 200), 150, (90, 30)),
+              "face_e": ((200, 260), 170, (20, 70))}  # face_e: same size as face_a → one batch
     for i, (name, (hw, side, at)) in enumerate(scenes.items()):
         img, truth[name] = _scene(hw, side, at, i)
         _save(img, src / f"{name}.jpg", quality=95)
         status[name] = "face"
-    img, truth["gray_png"] = _scene((280, 300), 200, (40, 60), 10)
+    img, truth["gray_png"] = _scene((220, 240), 180, (30, 50), 10)
     _save(img, src / "gray_png.png", "L")
-    img, truth["rgba_png"] = _scene((300, 260), 190, (70, 40), 11)
+    img, truth["rgba_png"] = _scene((260, 220), 180, (60, 30), 11)
     _save(img, src / "rgba_png.png", "RGBA")
-    img, truth["palette_png"] = _scene((260, 260), 200, (30, 30), 12)
+    img, truth["palette_png"] = _scene((220, 220), 180, (20, 30), 12)
     _save(img, src / "palette_png.png", "P")
-    img, truth["png16"] = _scene((300, 300), 200, (50, 50), 13)
+    img, truth["png16"] = _scene((240, 240), 180, (40, 50), 13)
     g16 = (cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257)
     Image.fromarray(g16).save(src / "png16.png")
     assert Image.open(src / "png16.png").mode.startswith("I")
-    img, truth["exif_rot"] = _scene((240, 340), 180, (40, 120), 14)  # as displayed
+    img, truth["exif_rot"] = _scene((220, 280), 170, (30, 100), 14)  # as displayed
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: viewers turn it 90° clockwise
     Image.fromarray(np.ascontiguousarray(np.rot90(img, 1))).save(src / "exif_rot.jpg", exif=exif, quality=95)
@@ -135,7 +135,7 @@ def test_no_face_falls_back_to_the_centre_square():
 
 def test_detector_batches_mixed_sizes_and_finds_every_face():
     """The original batched mixed sizes, caught MTCNN's exception and centre-cropped them all."""
-    scenes = [_scene(hw, side, (10, 10), i) for i, (hw, side) in enumerate([((200, 260), 150), ((300, 220), 190), ((200, 260), 170)])]
+    scenes = [_scene(hw, side, (10, 10), i) for i, (hw, side) in enumerate([((200, 260), 150), ((260, 200), 180), ((200, 260), 170)])]
     dets = FaceDetector("cpu", batch_size=8).detect([img for img, _ in scenes])
     for det, (_, (cx, cy)) in zip(dets, scenes):
         assert det.box is not None and det.prob > 0.9
@@ -144,8 +144,8 @@ def test_detector_batches_mixed_sizes_and_finds_every_face():
 
 
 def test_large_images_are_shrunk_for_detection_and_boxes_come_back_in_source_pixels():
-    img, (cx, cy) = _scene((360, 360), 300, (40, 40), 3)
-    (det,) = FaceDetector("cpu", max_side=180).detect([img])
+    img, (cx, cy) = _scene((300, 300), 260, (20, 20), 3)
+    (det,) = FaceDetector("cpu", max_side=160).detect([img])
     assert det.box is not None
     assert abs((det.box[0] + det.box[2]) / 2 - cx) < 15 and abs((det.box[1] + det.box[3]) / 2 - cy) < 15
 

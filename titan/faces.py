@@ -72,18 +72,20 @@ class FaceDetector:
     def _detect_same_size(self, imgs: list[np.ndarray]) -> list[Detection]:
         batch = np.stack(imgs) if len(imgs) > 1 else imgs[0][None]
         boxes, probs = self.mtcnn.detect(batch)
-        return [self._largest(b, p) for b, p in zip(boxes, probs)]
+        return [largest_face(b, p, self.min_prob) for b, p in zip(boxes, probs)]
 
-    def _largest(self, boxes, probs) -> Detection:
-        if boxes is None:
-            return NO_FACE
-        boxes, probs = np.asarray(boxes, dtype=np.float64), np.asarray(probs, dtype=np.float64)
-        keep = probs >= self.min_prob
-        if not keep.any():
-            return NO_FACE
-        boxes, probs = boxes[keep], probs[keep]
-        k = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-        return Detection(tuple(float(v) for v in boxes[k]), float(probs[k]), int(len(boxes)))
+
+def largest_face(boxes, probs, min_prob: float = 0.9) -> Detection:
+    """The largest of MTCNN's boxes for one image scoring ≥ min_prob (n_faces counts those)."""
+    if boxes is None:
+        return NO_FACE
+    boxes, probs = np.asarray(boxes, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    keep = probs >= min_prob
+    if not keep.any():
+        return NO_FACE
+    boxes, probs = boxes[keep], probs[keep]
+    k = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+    return Detection(tuple(float(v) for v in boxes[k]), float(probs[k]), int(len(boxes)))
 
 
 def shrink_for_detection(img: np.ndarray, max_side: int) -> np.ndarray:
