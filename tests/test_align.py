@@ -226,7 +226,7 @@ def test_run_killed_part_way_then_restarted_ends_with_the_same_outputs(dataset, 
 
     monkeypatch.setattr(align, "_write_crop", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
-        _run(_opts(root, out, batch_size=1))
+        _run(_opts(root, out))
     assert 0 < len(list((out / "train").glob("*.jpg"))) < 13
     with open(out / "train" / "manifest.csv", "a") as f:
         f.write("face_c,/torn/by/a/kill,fa")  # a row half-written when the process died
