@@ -160,21 +160,24 @@ def test_prior_decision_is_the_majority_then_the_mean():
     assert prior_decision(np.array([], int), np.array([]), 0.5)[0] == 0
 
 
-def test_recrop_uses_titan_faces_when_present_else_centre_square(tmp_path, monkeypatch):
-    write_images(tmp_path, {"o": 100}, size=48)
-    img = decode_image(tmp_path / "o.png")
-    monkeypatch.delattr(titan, "faces", raising=False)
-    monkeypatch.setitem(sys.modules, "titan.faces", None)  # align helper's module absent
-    assert np.array_equal(recrop(tmp_path / "o.png", 16), square_resize(img, 16))
+def test_recrop_is_align_faces_crop_of_the_original(tmp_path):
+    import cv2
+    from PIL import Image
+    from skimage import data as skdata
 
-    class Faces:
-        @staticmethod
-        def crop_face(image, size, margin):
-            return np.full((size, size, 3), int(margin * 100), np.uint8)
+    from titan.faces import FaceDetector, face_crop
 
-    monkeypatch.setitem(sys.modules, "titan.faces", Faces)
-    monkeypatch.setattr(titan, "faces", Faces, raising=False)
-    assert recrop(tmp_path / "o.png", 16, margin=0.3)[0, 0, 0] == 30
+    canvas = np.full((260, 320, 3), 90, np.uint8)
+    canvas[30:230, 80:280] = cv2.resize(skdata.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    Image.fromarray(canvas).save(tmp_path / "o.png")
+    det = FaceDetector("cpu").detect([canvas])[0]
+    assert det.box is not None  # a real face: the re-crop must be the face crop, not the centre
+    expected, status = face_crop(canvas, det, 32, 0.2)
+    assert status == "face"
+    assert np.array_equal(recrop(tmp_path / "o.png", 32, margin=0.2), expected)
+    noise = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "n.png")
+    assert np.array_equal(recrop(tmp_path / "n.png", 16), square_resize(noise, 16))
 
 
 def test_help_lists_every_flag_with_default(capsys):

@@ -141,3 +141,15 @@ def face_crop(img: np.ndarray, det: Detection, size: int, margin: float = 0.2) -
         return square_resize(img, size), "fallback"
     x0, y0, side = square_around(det.box, img.shape[1], img.shape[0], margin)
     return square_resize(crop_square(img, x0, y0, side), size), "face"
+
+
+_DETECTORS: dict[str, FaceDetector] = {}
+
+
+def crop_face(img: np.ndarray, size: int, margin: float = 0.2, device: str = "cpu") -> np.ndarray:
+    """One image → its size×size face crop exactly as align_faces.py makes it (centre square if
+    no face). The detector is built once per process and device, for occasional re-crops."""
+    if device not in _DETECTORS:
+        _DETECTORS[device] = FaceDetector(device)
+    det = _DETECTORS[device].detect([img])[0]
+    return face_crop(img, det, size, margin)[0]

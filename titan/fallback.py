@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoints import atomic_write
+from .faces import crop_face
 from .data import ImageIndex, decode_image, square_resize
 from .ensemble import ensemble_probability, parse_tta
 from .foldset import discover, img_size_of, load_folds, mean_threshold
@@ -63,21 +64,9 @@ class SafeSummary:
 
 
 def recrop(original_path: str | os.PathLike, size: int, margin: float = 0.2) -> np.ndarray:
-    """The face crop of an original test image, ``size``×``size`` uint8 RGB.
-
-    Seam with align_faces.py: when ``titan.faces`` provides ``crop_face(img, size, margin)`` (the
-    same detector + square crop that made the face folder) it is used; until then, and if that
-    module is absent, the centre-square crop that is align_faces.py's own no-face fallback.
-    """
-    img = decode_image(original_path)
-    try:
-        from . import faces  # type: ignore[attr-defined]
-    except ImportError:
-        faces = None
-    crop_face = getattr(faces, "crop_face", None)
-    if crop_face is not None:
-        return np.asarray(crop_face(img, size, margin))
-    return square_resize(img, size)
+    """The face crop of an original test image, ``size``×``size`` uint8 RGB, made by the same
+    detector and square crop as align_faces.py (centre square when no face is found)."""
+    return np.asarray(crop_face(decode_image(original_path), size, margin))
 
 
 def _recrop_by_id(raw: ImageIndex | None, size: int, margin: float, raw_dir: str, image_id: str) -> np.ndarray:
