@@ -1,5 +1,4 @@
 """safe_inference: a full submission through broken crops, a garbage fold, OOM and missing CUDA."""
-import sys
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ import safe_inference
 import titan
 import titan.scoring
 from fold_fixtures import SIZE, copy_files, write_images, write_v42_folds
-from titan.data import decode_image, square_resize
+from titan.data import square_resize
 from titan.ensemble import FoldModel, ensemble_probability, tta_logits
 from titan.fallback import SafeConfig, SafeInferenceError, prior_decision, recrop, safe_inference as run
 

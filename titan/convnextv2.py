@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .frequency import FrequencyInput
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .checkpoints import atomic_write
 from .faces import crop_face
-from .data import ImageIndex, decode_image, square_resize
+from .data import ImageIndex, decode_image
 from .ensemble import ensemble_probability, parse_tta
 from .foldset import discover, img_size_of, load_folds, mean_threshold
 from .runlog import RunLog

@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .checkpoints import atomic_write  # noqa: E402
-from .logparse import FoldSeries, Run  # noqa: E402
+from .logparse import Run  # noqa: E402
 from .metrics import average_precision, best_f1_threshold, confusion, roc_auc  # noqa: E402
 
 log = logging.getLogger("titan")
