@@ -90,3 +90,13 @@ def test_help_lists_every_flag_with_default(capsys):
     for flag in ("--archs", "--data", "--out", "--epochs", "--ssl-epochs", "--img-size", "--batch-size", "--n-folds"):
         assert flag in text
     assert text.count("(default:") >= 14
+
+
+def test_raw_images_link_follows_the_data_given(readme_layout, tmp_path):
+    from titan.study import find_data
+
+    other = tmp_path / "other"
+    shutil.copytree(readme_layout / "data", other / "data")
+    find_data(readme_layout, tmp_path / "faces")
+    d = find_data(other, tmp_path / "faces")
+    assert (d.faces_dir / "train").resolve() == (other / "data/dataset/train_images").resolve()

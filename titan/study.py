@@ -54,10 +54,14 @@ def find_data(root: str | os.PathLike, faces: Path) -> StudyData:
     raw = root / "data/dataset/train_images"
     if not raw.is_dir():
         raise FileNotFoundError(f"neither {crops}/train nor {raw} exists under --data {root}")
-    (faces).mkdir(parents=True, exist_ok=True)
+    faces.mkdir(parents=True, exist_ok=True)
     link = faces / "train"
+    if link.is_symlink() and link.resolve() != raw.resolve():
+        link.unlink()  # left by a study of other data in the same --out
     if not link.exists():
         link.symlink_to(raw.resolve(), target_is_directory=True)
+    elif link.resolve() != raw.resolve():
+        raise FileExistsError(f"{link} exists and is not a link to {raw}; use another --out")
     return StudyData(faces, labels, f"uncropped images from {raw} (no data/faces_512/train: align_faces.py not run)")
 
 
@@ -69,7 +73,8 @@ def build_demo(out: Path, log: RunLog) -> Path:
         raise FileNotFoundError("the demo set builder (titan/demo.py) is not installed; pass --data DIR "
                                 "holding data/dataset/train_solution.csv and the images")
     log.info(f"building the demo set in {out} (python -m titan.demo)")
-    subprocess.run([sys.executable, "-m", "titan.demo", "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "titan.demo", "--out", str(out.resolve())], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
     return out
 
 
