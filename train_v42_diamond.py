@@ -6,6 +6,8 @@ Command (README recipe; every config field is a flag, ``--help`` lists them):
     python train_v42_diamond.py --stages infer        # one stage
     python train_v42_diamond.py --preset tiny --faces-dir data/demo_faces --out-dir runs/tiny
     torchrun --nproc_per_node 8 train_v42_diamond.py  # DDP, same outputs
+    python train_v42_diamond.py --arch mobilenetv2    # a baseline of the architecture study:
+        # mobilenetv2 | effnet-b3-fpn-cbam skip SSL; --init-weights PATH loads local ImageNet weights
 
 Inputs:  {faces_dir}/train/{Id}.jpg, {faces_dir}/test/{Id}.jpg (default data/faces_512);
          train_csv (default train_diamond.csv: Id,target_feature,is_pseudo), falling back to

@@ -17,7 +17,7 @@ from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork
 
 from .cbam import CBAM
-from .checkpoints import CheckpointError, load_state_dict
+from .checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,6 +94,11 @@ def parse_arch(name: str) -> Arch:
     raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2 or effnet-b3-fpn-cbam")
 
 
+def resolve_arch(arch: str, variant: str) -> Arch:
+    """A config's architecture: ``arch`` when set, else ``titan-<variant>`` (the variant then follows the name)."""
+    return parse_arch(arch or f"titan-{variant}")
+
+
 def build_arch_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
     arch = parse_arch(name)
     if arch.variant:
@@ -115,3 +120,16 @@ def load_imagenet_weights(body: nn.Module, path: str | os.PathLike) -> list[str]
         raise CheckpointError(f"{path}: no 'features.*' tensors fit {type(body).__name__}; is it the matching torchvision model?")
     body.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
+
+
+def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> str:
+    """Initialise a backbone from a local file → a line for the run log.
+
+    Titan archs take a backbone state dict (e.g. another run's ``titan_v42_ssl.pth``, strict);
+    the baselines take a torchvision ImageNet checkpoint's ``features.*``.
+    """
+    if arch.variant:
+        load_into(body, path)
+        return f"{arch.name}: backbone initialised from {path}"
+    left = load_imagenet_weights(body, path)
+    return f"{arch.name}: ImageNet features from {path}; {len(left)} tensor(s) keep their initial values (e.g. FPN/CBAM)"

@@ -21,7 +21,9 @@ class TrainConfig:
     fallback_csv: str = "data/dataset/train_solution.csv"
     out_dir: str = "."
     skip_missing: bool = False
-    # model
+    # model. ``arch`` picks the architecture (titan.archs): "" follows ``variant`` (= titan-<variant>,
+    # so --variant and the presets keep working); a titan-<variant> name sets the variant itself.
+    arch: str = ""
     variant: str = "v42"
     head: str = "linear"
     img_size: int = 512
@@ -64,6 +66,7 @@ class TrainConfig:
     ckpt_dir: str = "checkpoints_v42"  # resumable training states, under out_dir
     keep_checkpoints: int = 2      # newest epoch states kept per stage/fold
     threads: int = 0               # CPU intra-op threads (0 = torch's default)
+    init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .archs import build_arch_backbone, parse_arch
 from .checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
 from .convnextv2 import VARIANTS, build_backbone
 from .heads import build_head
@@ -63,22 +64,32 @@ class Fold:
 
 
 def load_fold(backbone_path: str | os.PathLike, head_path: str | os.PathLike, meta_path: str | os.PathLike | None = None,
-              variant: str | None = None, head: str | None = None) -> Fold:
-    """Build a fold model from its files; variant and head are read from the weights unless given."""
-    bsd = unwrap_state_dict(load_file(backbone_path), str(backbone_path))
+              variant: str | None = None, head: str | None = None, arch: str | None = None) -> Fold:
+    """Build a fold model from its files; arch, variant and head are read from the files unless given.
+
+    The architecture comes from ``arch``, else the meta file's or the backbone checkpoint's
+    ``arch`` (written since the architecture study); a ConvNeXt V2 variant is read off the weights.
+    """
+    bobj = load_file(backbone_path)
+    bsd = unwrap_state_dict(bobj, str(backbone_path))
     hsd = unwrap_state_dict(load_file(head_path), str(head_path))
-    variant = variant or infer_variant(bsd)
-    head = head or infer_head(hsd)
-    backbone = load_into(build_backbone(variant), bsd)
-    in_features = backbone.num_features
-    head_mod = load_into(build_head(head, in_features), hsd)
     meta: dict = {}
     if meta_path and Path(meta_path).is_file():
         obj = load_file(meta_path)
         meta = dict(obj) if isinstance(obj, dict) else {}
+    file_meta = bobj.get("meta") if isinstance(bobj, dict) and isinstance(bobj.get("meta"), dict) else {}
+    arch = arch or meta.get("arch") or file_meta.get("arch") or ""
+    head = head or infer_head(hsd)
+    if arch and not parse_arch(arch).variant:  # a baseline: its layout is named, not inferred
+        backbone, variant = load_into(build_arch_backbone(arch), bsd), ""
+    else:
+        variant = variant or infer_variant(bsd)
+        backbone, arch = load_into(build_backbone(variant), bsd), f"titan-{variant}"
+    head_mod = load_into(build_head(head, backbone.num_features), hsd)
     th = meta.get("th", meta.get("threshold"))
     return Fold(Path(backbone_path).stem, FoldModel(backbone, head_mod).eval(), float(th) if th is not None else None,
-                {"variant": variant, "head": head, **{k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}})
+                {**{k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))},
+                 "arch": arch, "variant": variant, "head": head})
 
 
 def find_folds(directory: str | os.PathLike, prefix: str = "v42") -> list[tuple[int, Path, Path, Path | None]]:

@@ -31,6 +31,9 @@ log = logging.getLogger("titan")
 def signed_cam(model: FoldModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_c w_c·A_c at map resolution (B,h,w), fake logit (B,)) for a float [0,1] batch."""
     bb = model.backbone
+    if not hasattr(bb, "forward_maps"):
+        raise ValueError(f"Grad-CAM explains TitanNet (ConvNeXt V2) folds only; this fold's backbone is "
+                         f"{type(bb).__name__} (a baseline from the architecture study)")
     with torch.enable_grad():
         x = x.detach().float().requires_grad_(True)  # gives the map a graph even with frozen weights
         fmap = bb.forward_maps(bb.preproc(x))
@@ -136,6 +139,10 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
         check_id(s, f"{pred_path} line {i + 2}: ")
     dev = resolve_device(device)
     folds = [load_fold(b, h, m) for _, b, h, m in found]
+    baselines = [f"{f.name} ({f.meta['arch']})" for f in folds if not f.meta["arch"].startswith("titan-")]
+    if baselines:
+        raise ValueError(f"--explain: Grad-CAM reads TitanNet's last-stage map; {', '.join(baselines)} "
+                         "are baseline architectures — explain a titan-* run instead")
     models = [f.model.to(dev).eval() for f in folds]
     size = img_size or fold_img_size(folds, [b for _, b, _, _ in found]) or 512
     if size % 32:

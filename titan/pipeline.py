@@ -26,6 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, SequentialSampler
 from tqdm import tqdm
 
 from . import engine
+from .archs import build_arch_backbone, load_init_weights, resolve_arch
 from .augment import augment_batch, build_augment
 from .checkpoints import atomic_write, load_file, load_into, read_meta, save_atomic, save_checkpoint
 from .config import TrainConfig, save_config
@@ -46,7 +47,7 @@ OOF_CSV, METRICS_JSON = "oof_v42.csv", "metrics_v42.json"
 PREDICTIONS_CSV, SUBMISSION_CSV = "predictions_v42.csv", "submission_v42.csv"
 STAGES = ("ssl", "finetune", "infer")
 # A finished fold whose files were written with other values of these is not reused.
-FOLD_IDENTITY = ("variant", "head", "img_size", "n_folds", "fold_seed")
+FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed")
 
 
 # --- the run: device, processes, logs ------------------------------------------------------------
@@ -135,10 +136,20 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
             run_infer(cfg, run)
 
 
+def identity(c: dict) -> dict:
+    """A config (or fold meta) dict with its architecture resolved: arch "" + variant "v42" is
+    "titan-v42"; files from before ``arch`` existed read as titan-<variant>; baselines have variant ""."""
+    out = dict(c)
+    if "variant" in c or "arch" in c:
+        a = resolve_arch(c.get("arch") or "", c.get("variant") or "v42")
+        out.update(arch=a.name, variant=a.variant or "")
+    return out
+
+
 def check_resumable(state: dict, cfg: TrainConfig, names: Sequence[str], where: str) -> None:
     """Refuse to continue a checkpoint made with settings that change what is being trained."""
-    saved = state.get("config") or {}
-    diff = {n: (saved.get(n), getattr(cfg, n)) for n in names if n in saved and saved[n] != getattr(cfg, n)}
+    saved, now = identity(state.get("config") or {}), identity(dataclasses.asdict(cfg))
+    diff = {n: (saved.get(n), now[n]) for n in names if n in saved and saved[n] != now[n]}
     if diff:
         raise ValueError(f"{where} was made with other settings {diff} (checkpoint vs now); "
                          "use a fresh --out-dir, or delete the checkpoint to start over")
@@ -239,10 +250,17 @@ def _write_json(obj: dict, path: Path) -> None:
 
 # --- stage 1: SimMIM pretraining --------------------------------------------------------------------
 
-def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
-    """SimMIM over every train and test face (labels unused) → ``titan_v42_ssl.pth``."""
+def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path | None:
+    """SimMIM over every train and test face (labels unused) → ``titan_v42_ssl.pth``.
+
+    The baselines (mobilenetv2, effnet-b3-fpn-cbam) skip it: SimMIM here reconstructs the
+    9-channel ConvNeXt V2 input; they fine-tune from ``init_weights`` or from scratch → None."""
     with session(cfg, run) as r:
         env, log, dev = r.env, r.log, r.env.device
+        arch = resolve_arch(cfg.arch, cfg.variant)
+        if not arch.ssl:
+            log.info(f"NOTICE: {arch.name} takes no SimMIM pretraining (TitanNet only); skipping SSL")
+            return None
         out_path = r.path(SSL_WEIGHTS)
         if out_path.is_file() and int(read_meta(out_path).get("epoch", -1)) >= cfg.ssl_epochs:
             log.info(f"SSL already complete ({out_path}); skipping")
@@ -256,7 +274,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
         sampler = engine.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = r.loader(dataset, cfg.batch_size, sampler)
 
-        raw = SimMIM(build_backbone(cfg.variant, cfg.drop_path), cfg.mask_patch, cfg.mask_ratio)
+        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path), cfg.mask_patch, cfg.mask_ratio)
         raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
         model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
         optimizer = engine.make_optimizer(raw, cfg.ssl_lr, cfg.ssl_weight_decay, dev)
@@ -268,7 +286,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
         start, loss = 0, float("nan")
         state = engine.load_latest_state(r.ckpt, "ssl", log.info)
         if state is not None:
-            check_resumable(state, cfg, ("variant", "img_size", "mask_patch", "mask_ratio"), f"SSL checkpoint in {r.ckpt}")
+            check_resumable(state, cfg, ("arch", "variant", "img_size", "mask_patch", "mask_ratio"), f"SSL checkpoint in {r.ckpt}")
             raw.load_state_dict(state["model"])
             stepper.load_state_dict(state["train"])
             start, loss = int(state["epoch"]), float(state.get("loss", float("nan")))
@@ -300,7 +318,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path:
             engine.barrier(env)
 
         if env.is_main:
-            save_checkpoint(raw.encoder, out_path, variant=cfg.variant, img_size=cfg.img_size, epoch=cfg.ssl_epochs,
+            save_checkpoint(raw.encoder, out_path, arch=arch.name, variant=arch.variant, img_size=cfg.img_size, epoch=cfg.ssl_epochs,
                             metrics={"loss": loss}, config=dataclasses.asdict(cfg))
             log.info(f"SSL done → {out_path}")
         engine.barrier(env)
@@ -338,7 +356,8 @@ def fold_done(r: Run, k: int) -> dict | None:
     meta = load_file(meta_path)
     if not (isinstance(meta, dict) and meta.get("complete")):
         return None
-    stale = {f: (meta.get(f), getattr(r.cfg, f)) for f in FOLD_IDENTITY if meta.get(f) != getattr(r.cfg, f)}
+    have, now = identity(meta), identity(dataclasses.asdict(r.cfg))
+    stale = {f: (have.get(f), now[f]) for f in FOLD_IDENTITY if have.get(f) != now[f]}
     if stale:
         raise ValueError(f"{meta_path} was trained with other settings {stale} (file vs now); use a fresh --out-dir "
                          "or delete that fold's files to retrain it")
@@ -374,8 +393,14 @@ def _imbalance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.ndarra
 
 
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
-    backbone = build_backbone(cfg.variant, cfg.drop_path)
-    if ssl_path.is_file():
+    """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
+    arch = resolve_arch(cfg.arch, cfg.variant)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path)
+    if cfg.init_weights:
+        log.info(load_init_weights(backbone, arch, cfg.init_weights))
+    elif not arch.ssl:
+        log.info(f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation")
+    elif ssl_path.is_file():
         load_into(backbone, ssl_path)
     else:
         log.info(f"NOTICE: {ssl_path} not found — fine-tuning from random initialisation (run --stages ssl first)")
@@ -492,7 +517,8 @@ def save_fold(r: Run, k: int, best: dict) -> None:
     """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta."""
     cfg, m = r.cfg, best["metrics"]
     sd = best["model"]
-    meta = dict(variant=cfg.variant, head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
+    arch = resolve_arch(cfg.arch, cfg.variant)
+    meta = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
                 metrics={kk: float(v) for kk, v in m.items()}, config=dataclasses.asdict(cfg))
     for part in ("backbone", "head"):
         part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
@@ -500,7 +526,7 @@ def save_fold(r: Run, k: int, best: dict) -> None:
     oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
     _write_csv(oof, r.ckpt / f"oof_fold{k}.csv")
     save_atomic({"th": float(m["threshold"]), "f1": float(m["f1"]), "auc": float(m["roc_auc"]), "ap": float(m["ap"]),
-                 "variant": cfg.variant, "head": cfg.head, "img_size": cfg.img_size, "epoch": int(best["epoch"]),
+                 "arch": arch.name, "variant": arch.variant or "", "head": cfg.head, "img_size": cfg.img_size, "epoch": int(best["epoch"]),
                  "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "complete": True},
                 r.path(f"{PREFIX}_meta_fold{k}.pth"))
 

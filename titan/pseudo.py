@@ -174,7 +174,7 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
         raise DiamondError(f"fold weights do not load (wrong architecture or a broken file): {e}") from None
     img_size, size_note = (cfg.img_size, f"{cfg.img_size} (--img-size)") if cfg.img_size > 0 else img_size_of(folds, files)
     say(f"loaded {len(folds)} fold(s) from {where}: " + ", ".join(
-        f"{f.name} ({f.meta.get('variant')}/{f.meta.get('head')})" for f in folds))
+        f"{f.name} ({f.meta.get('variant') or f.meta.get('arch')}/{f.meta.get('head')})" for f in folds))
     say(f"scoring {len(test_ids)} test faces from {cfg.test_dir} at {size_note}, TTA {','.join(views)}")
 
     scores = score_images(folds, ImagesToScore(test_ids, index, img_size), cfg.batch_size, cfg.device, views,

@@ -1,0 +1,114 @@
+"""Every architecture of the study trains through the same pipeline, and its folds serve inference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from _single_thread import single_thread  # noqa: F401  (autouse fixture)
+from test_train_pipeline import cfg_for, make_faces
+from titan import pipeline
+from titan.archs import EffNetB3FPNCBAM, MobileNetV2Body
+from titan.checkpoints import load_file, read_meta
+from titan.convnextv2 import ConvNeXtV2
+from titan.ensemble import find_folds, load_fold
+from titan.fallback import SafeConfig, safe_inference
+from titan.gradcam import signed_cam
+from titan.pseudo import DiamondConfig, make_diamonds
+
+BODY = {"titan-atto": ConvNeXtV2, "mobilenetv2": MobileNetV2Body, "effnet-b3-fpn-cbam": EffNetB3FPNCBAM}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = make_faces(tmp_path_factory.mktemp("archs"), n_train=16, n_test=4, n_pseudo=0)
+    df = pd.read_csv(root / "train_diamond.csv", dtype={"Id": str})
+    df[["Id", "target_feature"]].to_csv(root / "train_solution.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(data: Path) -> dict[str, Path]:
+    """Each arch: ssl → finetune → infer, 2 folds × 1 epoch at 64 px, as train_v42_diamond.py runs it."""
+    out = {}
+    for arch in BODY:
+        cfg = cfg_for(data, arch, arch=arch, n_folds=2, ft_epochs=1, batch_size=8, infer_batch_size=8)
+        pipeline.run_stages(cfg)
+        out[arch] = data / arch
+    return out
+
+
+@pytest.mark.parametrize("arch", list(BODY))
+def test_each_arch_trains_its_folds_and_writes_a_submission(runs, data, arch):
+    out = runs[arch]
+    log = (out / pipeline.LOG_TXT).read_text()
+    assert "Fold 0 Ep 1 | Loss:" in log and "Fold 1 Ep 1 | Loss:" in log
+    sub = pd.read_csv(out / pipeline.SUBMISSION_CSV, dtype={"Id": str})
+    assert sorted(sub.Id) == ["100", "101", "102", "103"] and set(sub.target_feature) <= {0, 1}
+    for k in range(2):
+        meta = load_file(out / f"v42_meta_fold{k}.pth")
+        assert meta["arch"] == arch and meta["complete"]
+        assert read_meta(out / f"v42_backbone_fold{k}.pth")["arch"] == arch
+    if arch.startswith("titan-"):
+        assert (out / pipeline.SSL_WEIGHTS).is_file() and "SSL Ep 1" in log
+    else:  # baselines skip SimMIM with a notice and start from scratch without --init-weights
+        assert not (out / pipeline.SSL_WEIGHTS).exists() and "SSL Ep" not in log
+        assert f"NOTICE: {arch} takes no SimMIM pretraining" in log and "random initialisation" in log
+
+
+@pytest.mark.parametrize("arch", list(BODY))
+def test_load_fold_rebuilds_the_trained_arch_with_its_weights(runs, arch):
+    (k, b, h, m), _ = find_folds(runs[arch], "v42")
+    fold = load_fold(b, h, m)
+    assert isinstance(fold.model.backbone, BODY[arch]) and fold.meta["arch"] == arch
+    trained = load_file(b)["model"]
+    own = fold.model.backbone.state_dict()
+    assert all(torch.equal(own[key], v) for key, v in trained.items())
+    # The ensemble's per-fold probabilities are this model's outputs.
+    preds = pd.read_csv(runs[arch] / pipeline.PREDICTIONS_CSV, dtype={"Id": str})
+    assert preds[f"fold{k}"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2", "effnet-b3-fpn-cbam"])
+def test_make_diamonds_and_safe_inference_serve_baseline_folds(runs, data, arch, tmp_path):
+    out = runs[arch]
+    d = make_diamonds(DiamondConfig(weights_dir=str(out), prefix="v42", test_dir=str(data / "faces/test"),
+                                    train_csv=str(data / "train_solution.csv"), out=str(tmp_path / "diamond.csv"),
+                                    hi=0.6, lo=0.4, device="cpu", num_workers=0, progress=False))
+    assert d.n_folds == 2 and d.n_scored == 4
+    s = safe_inference(SafeConfig(weights_dir=str(out), test_dir=str(data / "faces/test"), raw_test_dir=str(tmp_path / "none"),
+                                  out=str(tmp_path / "sub.csv"), device="cpu", num_workers=0, progress=False))
+    assert s.n_rows == 4 and not s.folds_skipped
+
+
+def test_gradcam_refuses_a_baseline_fold_by_name(runs):
+    (_, b, h, m), _ = find_folds(runs["mobilenetv2"], "v42")
+    with pytest.raises(ValueError, match="TitanNet .* only; .* MobileNetV2Body"):
+        signed_cam(load_fold(b, h, m).model, torch.rand(1, 3, 64, 64))
+
+
+def test_finished_folds_of_another_arch_are_not_reused(runs, data):
+    cfg = cfg_for(data, "mobilenetv2", arch="effnet-b3-fpn-cbam", n_folds=2, ft_epochs=1)
+    with pytest.raises(ValueError, match=r"'arch': \('mobilenetv2', 'effnet-b3-fpn-cbam'\)"):
+        pipeline.run_finetune(cfg)
+
+
+def test_arch_following_variant_equals_the_titan_name(runs, data):
+    """arch "" + variant atto is titan-atto: the finished folds are reused, not refused."""
+    cfg = cfg_for(data, "titan-atto", arch="", variant="atto", n_folds=2, ft_epochs=1)
+    summary = pipeline.run_finetune(cfg)
+    assert [f["fold"] for f in summary["folds"]] == [0, 1]
+    assert "Fold 0 already complete; skipping" in (data / "titan-atto" / pipeline.LOG_TXT).read_text()
+
+
+def test_init_weights_loads_a_local_imagenet_checkpoint(data, tmp_path):
+    from torchvision import models
+
+    ref = models.mobilenet_v2(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "mnv2_imagenet.pth")
+    cfg = cfg_for(data, "init", arch="mobilenetv2", init_weights=str(tmp_path / "mnv2_imagenet.pth"), n_folds=2)
+    model = pipeline.build_classifier(cfg, tmp_path / "no_ssl.pth", pipeline.RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl"), None)
+    assert torch.equal(model.backbone.features[0][0].weight, ref.features[0][0].weight)
+    assert "ImageNet features from" in (tmp_path / "l.txt").read_text()
