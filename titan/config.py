@@ -60,6 +60,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     # training details (added with the training pipeline)
     jpeg_p: float = 0.3            # share of fine-tuning images re-compressed as JPEG
+    blur_p: float = 0.15           # share of fine-tuning images Gaussian-blurred
     min_lr_ratio: float = 0.01     # cosine floor as a fraction of the base LR
     ckpt_dir: str = "checkpoints_v42"  # resumable training states, under out_dir
     keep_checkpoints: int = 2      # newest epoch states kept per stage/fold
