@@ -1,6 +1,6 @@
 """The demo deepfake set: real face photos that installed packages ship, plus face-swap fakes.
 
-    python -m titan.demo --out demo_run [--n-images 300] [--fake-fraction 0.2] [--seed 3407]
+    python -m titan.demo --out demo_run [--n-images 500] [--fake-fraction 0.2] [--seed 3407]
 
 Writes, in the README's layout (the test labels kept apart, for scoring only):
     DIR/data/dataset/train_images/{Id}.jpg   DIR/data/dataset/test_images/{Id}.jpg
@@ -183,7 +183,7 @@ def face_mask(landmarks: np.ndarray, shape: tuple[int, int], rng: np.random.Gene
         k = max(1, int(eye_dist * rng.uniform(0.03, 0.12)))
         op = cv2.erode if rng.random() < 0.5 else cv2.dilate
         mask = op(mask, np.ones((k, k), np.uint8))
-    sigma = eye_dist * rng.uniform(0.04, 0.12)
+    sigma = eye_dist * rng.uniform(0.03, 0.09)
     ksize = 2 * int(3 * sigma) + 1
     mask = cv2.GaussianBlur(mask, (ksize, ksize), sigma)
     mask[mask < 1e-3] = 0.0
@@ -272,7 +272,7 @@ def make_fake(target: Photo, photos: Sequence[Photo], rng: np.random.Generator,
                                 borderMode=cv2.BORDER_REFLECT)
         kind = f"swap:{donor.name}"
     else:  # self-blended image: the same face, altered, so identity gives nothing away
-        source = _colour_jitter(tgt, rng, strength=rng.uniform(0.5, 1.0))
+        source = _colour_jitter(tgt, rng, strength=rng.uniform(0.8, 1.6))
         kind = "self_blend"
     if rng.random() < 0.85:
         source = _generator_resolution(source, target.face_size, shown_face or target.face_size, rng)
@@ -281,7 +281,7 @@ def make_fake(target: Photo, photos: Sequence[Photo], rng: np.random.Generator,
     source = _jitter_geometry(source, target, rng)
     mask = face_mask(target.landmarks, tgt.shape[:2], rng)
     if kind.startswith("swap"):
-        source = _match_colour(source, tgt, mask, strength=rng.uniform(0.6, 1.0))
+        source = _match_colour(source, tgt, mask, strength=rng.uniform(0.3, 0.8))
     if _is_grey(tgt):
         source = np.repeat(cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)[..., None], 3, -1)
 
@@ -393,7 +393,7 @@ def post_process(img: np.ndarray, box: np.ndarray, backgrounds: Sequence[np.ndar
 
 @dataclass
 class DemoSpec:
-    n_images: int = 300
+    n_images: int = 500
     fake_fraction: float = 0.2
     test_fraction: float = 0.25
     seed: int = 3407
