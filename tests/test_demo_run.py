@@ -19,7 +19,8 @@ STUB = textwrap.dedent('''
     from pathlib import Path
     name = Path(sys.argv[0]).name
     with open("calls.jsonl", "a") as f:
-        f.write(json.dumps({"script": name, "args": sys.argv[1:], "cwd": os.getcwd()}) + "\\n")
+        f.write(json.dumps({"script": name, "args": sys.argv[1:], "cwd": os.getcwd(),
+                            "omp": os.environ.get("OMP_WAIT_POLICY")}) + "\\n")
     fail = os.environ.get("STUB_FAIL")
     if fail == name:
         sys.exit(3)
@@ -69,9 +70,9 @@ def test_commands_follow_the_stage_contracts(tmp_path):
         "plot_training_curves.py", "safe_inference.py"]
     assert all(c[0] == "py" and c[1].startswith(str(tmp_path)) for c in cmds)
     align, train1, diamonds, train2, plots, safe = (_opts(c[2:]) for c in cmds)
-    assert align == {"--input": "data/dataset", "--output": "data/faces_512", "--size": "128"}
-    assert train1 == {"--preset": "tiny", "--faces-dir": "data/faces_512", "--train-csv": "train_diamond.csv",
-                      "--fallback-csv": "data/dataset/train_solution.csv", "--img-size": "128", "--out-dir": "run1"}
+    assert align == {"--input": "data/dataset", "--output": "data/faces_512", "--size": "96"}
+    assert train1 == {"--preset": "demo", "--faces-dir": "data/faces_512", "--train-csv": "train_diamond.csv",
+                      "--fallback-csv": "data/dataset/train_solution.csv", "--img-size": "96", "--out-dir": "run1"}
     assert train2 == dict(train1, **{"--out-dir": "run2"})
     # diamonds come from run1's folds and feed run2's --train-csv
     assert diamonds == {"--weights-dir": "run1", "--prefix": "v42", "--test-dir": "data/faces_512/test",
@@ -91,12 +92,15 @@ def test_quick_commands_override_training_flags_once():
 
 def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, photos, monkeypatch, capsys):
     monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     out = tmp_path / "demo"
     scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
     expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
     assert [[c["script"], *c["args"]] for c in calls] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
     assert {c["cwd"] for c in calls} == {str(out.resolve())}
+    # stages get sleeping (not spinning) OpenMP threads, as `make test` sets them
+    assert {c["omp"] for c in calls} == {"PASSIVE"}
     # every command is shown before it runs, as a user would type it in DIR
     err = capsys.readouterr().err
     for e in expected:

@@ -129,6 +129,16 @@ def test_augmentations_draw_parameters_per_image_and_stay_in_range():
         build_augment("heavy")
 
 
+def test_blur_and_jpeg_probabilities_follow_the_config():
+    import kornia.augmentation as K
+
+    def probs(aug):
+        return {type(m).__name__: m.p for m in aug.modules() if isinstance(m, (K.RandomGaussianBlur, K.RandomJPEG))}
+
+    assert probs(build_augment("finetune", jpeg_p=0.0, blur_p=0.0)) == {"RandomGaussianBlur": 0.0, "RandomJPEG": 0.0}
+    assert probs(build_augment("finetune", jpeg_p=0.3, blur_p=0.5)) == {"RandomGaussianBlur": 0.5, "RandomJPEG": 0.3}
+
+
 def test_classifier_losses_reach_every_parameter_for_both_heads():
     from titan.convnextv2 import build_backbone
 

@@ -13,7 +13,7 @@ import kornia.augmentation as K
 AUGMENTS = ("finetune", "ssl", "none")
 
 
-def finetune_augment(jpeg_p: float = 0.3) -> nn.Module:
+def finetune_augment(jpeg_p: float = 0.3, blur_p: float = 0.15) -> nn.Module:
     """Flip, small affine, colour jitter, blur and JPEG re-compression (quality 40–95).
 
     The deepfake cues are partly high-frequency, so geometry stays mild and blur/JPEG are
@@ -23,7 +23,7 @@ def finetune_augment(jpeg_p: float = 0.3) -> nn.Module:
         K.RandomHorizontalFlip(p=0.5),
         K.RandomAffine(degrees=8.0, translate=(0.05, 0.05), scale=(0.92, 1.08), padding_mode="reflection", p=0.5),
         K.ColorJiggle(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
-        K.RandomGaussianBlur(kernel_size=(5, 5), sigma=(0.1, 1.2), p=0.15),
+        K.RandomGaussianBlur(kernel_size=(5, 5), sigma=(0.1, 1.2), p=blur_p),
         K.RandomJPEG(jpeg_quality=(40.0, 95.0), p=jpeg_p),
     )
 
@@ -41,10 +41,10 @@ class _Identity(nn.Module):
         return x
 
 
-def build_augment(kind: str, jpeg_p: float = 0.3) -> nn.Module:
+def build_augment(kind: str, jpeg_p: float = 0.3, blur_p: float = 0.15) -> nn.Module:
     """``finetune`` | ``ssl`` | ``none`` → a module mapping a [0,1] batch to an augmented [0,1] batch."""
     if kind == "finetune":
-        return finetune_augment(jpeg_p)
+        return finetune_augment(jpeg_p, blur_p)
     if kind == "ssl":
         return ssl_augment()
     if kind == "none":

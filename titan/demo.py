@@ -1,6 +1,6 @@
 """The demo deepfake set: real face photos that installed packages ship, plus face-swap fakes.
 
-    python -m titan.demo --out demo_run [--n-images 300] [--fake-fraction 0.2] [--seed 3407]
+    python -m titan.demo --out demo_run [--n-images 500] [--fake-fraction 0.2] [--seed 3407]
 
 Writes, in the README's layout (the test labels kept apart, for scoring only):
     DIR/data/dataset/train_images/{Id}.jpg   DIR/data/dataset/test_images/{Id}.jpg
@@ -183,7 +183,7 @@ def face_mask(landmarks: np.ndarray, shape: tuple[int, int], rng: np.random.Gene
         k = max(1, int(eye_dist * rng.uniform(0.03, 0.12)))
         op = cv2.erode if rng.random() < 0.5 else cv2.dilate
         mask = op(mask, np.ones((k, k), np.uint8))
-    sigma = eye_dist * rng.uniform(0.04, 0.12)
+    sigma = eye_dist * rng.uniform(0.03, 0.09)
     ksize = 2 * int(3 * sigma) + 1
     mask = cv2.GaussianBlur(mask, (ksize, ksize), sigma)
     mask[mask < 1e-3] = 0.0
@@ -208,10 +208,15 @@ def _sharpness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.addWeighted(img, 1.8, blur, -0.8, 0)  # unsharp mask
 
 
-def _generator_resolution(img: np.ndarray, face_size: float, rng: np.random.Generator) -> np.ndarray:
-    """Face-swap generators output faces of 64–256 px that are resized into the frame: the
-    swapped face comes out softer than its surroundings."""
-    factor = face_size / rng.uniform(40, 96)
+def _generator_resolution(img: np.ndarray, face_size: float, shown_face: float, rng: np.random.Generator) -> np.ndarray:
+    """Face-swap generators render the face at a fixed, low resolution (the original DeepFakes
+    autoencoder 64×64, later ones 128–256 px) that is then upscaled into the frame: the swapped
+    face comes out softer than its sharp surroundings. ``face_size`` is the face in this photo's
+    pixels, ``shown_face`` the face as the written image shows it; the face is rendered at
+    40–64 px and at most 65 % of the shown size, so the softness survives the final resize
+    (and the 128 px face crops the demo trains on)."""
+    rendered = min(shown_face * rng.uniform(0.35, 0.65), rng.uniform(40, 64))
+    factor = face_size / max(rendered, 8.0)
     if factor < 1.2:
         return img
     h, w = img.shape[:2]
@@ -254,8 +259,10 @@ class Fake:
     blend: str          # "alpha" or "poisson"
 
 
-def make_fake(target: Photo, photos: Sequence[Photo], rng: np.random.Generator) -> Fake:
-    """One face-swap fake of ``target`` (before post-processing)."""
+def make_fake(target: Photo, photos: Sequence[Photo], rng: np.random.Generator,
+              shown_face: float | None = None) -> Fake:
+    """One face-swap fake of ``target`` (before post-processing); ``shown_face`` is the face's
+    size in the written image (default: as in the photo)."""
     tgt = target.image
     others = [p for p in photos if p.name != target.name and p.frontal] if target.frontal else []
     if others and rng.random() < 0.5:
@@ -265,16 +272,16 @@ def make_fake(target: Photo, photos: Sequence[Photo], rng: np.random.Generator) 
                                 borderMode=cv2.BORDER_REFLECT)
         kind = f"swap:{donor.name}"
     else:  # self-blended image: the same face, altered, so identity gives nothing away
-        source = _colour_jitter(tgt, rng, strength=rng.uniform(0.5, 1.0))
+        source = _colour_jitter(tgt, rng, strength=rng.uniform(0.8, 1.6))
         kind = "self_blend"
-    if rng.random() < 0.7:
-        source = _generator_resolution(source, target.face_size, rng)
-    if rng.random() < 0.6:
+    if rng.random() < 0.85:
+        source = _generator_resolution(source, target.face_size, shown_face or target.face_size, rng)
+    elif rng.random() < 0.6:
         source = _sharpness(source, rng)
     source = _jitter_geometry(source, target, rng)
     mask = face_mask(target.landmarks, tgt.shape[:2], rng)
     if kind.startswith("swap"):
-        source = _match_colour(source, tgt, mask, strength=rng.uniform(0.6, 1.0))
+        source = _match_colour(source, tgt, mask, strength=rng.uniform(0.3, 0.8))
     if _is_grey(tgt):
         source = np.repeat(cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)[..., None], 3, -1)
 
@@ -323,27 +330,33 @@ class PostParams:
 
 def draw_post_params(rng: np.random.Generator, n_backgrounds: int) -> PostParams:
     return PostParams(
-        face_fraction=rng.uniform(0.3, 0.75), aspect=float(np.exp(rng.uniform(-0.3, 0.3))),
+        face_fraction=rng.uniform(0.4, 0.75), aspect=float(np.exp(rng.uniform(-0.3, 0.3))),
         shift=(rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8)), angle=rng.uniform(-10, 10),
-        # long side 144–320 px: varied, and small enough that MTCNN (align_faces.py) stays quick on a CPU
-        flip=bool(rng.random() < 0.5), out_long=int(rng.integers(144, 321)),
+        # long side 256–448 px: varied, small enough that MTCNN (align_faces.py) stays quick on a CPU,
+        # and the face (≥ ~100 px) is never upscaled into the demo's 128 px crops, as in real data
+        flip=bool(rng.random() < 0.5), out_long=int(rng.integers(256, 449)),
         background=int(rng.integers(n_backgrounds)), grey=bool(rng.random() < 0.08),
         brightness=rng.uniform(-20, 20), contrast=rng.uniform(0.8, 1.2), saturation=rng.uniform(0.7, 1.3),
-        gamma=rng.uniform(0.8, 1.25), blur=float(rng.uniform(0.3, 1.2)) if rng.random() < 0.3 else 0.0,
-        quality=int(rng.integers(65, 96)),
+        gamma=rng.uniform(0.8, 1.25), blur=float(rng.uniform(0.3, 0.8)) if rng.random() < 0.15 else 0.0,
+        quality=int(rng.integers(70, 96)),
     )
 
 
-def post_process(img: np.ndarray, box: np.ndarray, backgrounds: Sequence[np.ndarray], prm: PostParams) -> bytes:
-    """Crop around the face (rotated, shifted, zoomed; the frame past the photo's edge shows a
-    background photo), resize, colour, blur, then encode as JPEG. Returns the file's bytes."""
+def crop_geometry(box: np.ndarray, prm: PostParams) -> tuple[float, float, float, float, float]:
+    """The crop's centre, width and height in photo pixels, and the photo→written-image scale."""
     face = max(box[2] - box[0], box[3] - box[1])
     side = face / prm.face_fraction
     cw, ch = side * np.sqrt(prm.aspect), side / np.sqrt(prm.aspect)
     slack_x, slack_y = max(cw - face, 0) / 2, max(ch - face, 0) / 2
     cx = (box[0] + box[2]) / 2 + prm.shift[0] * slack_x
     cy = (box[1] + box[3]) / 2 + prm.shift[1] * slack_y
-    scale = prm.out_long / max(cw, ch)
+    return cx, cy, cw, ch, prm.out_long / max(cw, ch)
+
+
+def post_process(img: np.ndarray, box: np.ndarray, backgrounds: Sequence[np.ndarray], prm: PostParams) -> bytes:
+    """Crop around the face (rotated, shifted, zoomed; the frame past the photo's edge shows a
+    background photo), resize, colour, blur, then encode as JPEG. Returns the file's bytes."""
+    cx, cy, cw, ch, scale = crop_geometry(box, prm)
     ow, oh = int(round(cw * scale)), int(round(ch * scale))
     m = cv2.getRotationMatrix2D((float(cx), float(cy)), prm.angle, scale)
     m[:, 2] += (ow / 2 - cx, oh / 2 - cy)
@@ -380,7 +393,7 @@ def post_process(img: np.ndarray, box: np.ndarray, backgrounds: Sequence[np.ndar
 
 @dataclass
 class DemoSpec:
-    n_images: int = 300
+    n_images: int = 500
     fake_fraction: float = 0.2
     test_fraction: float = 0.25
     seed: int = 3407
@@ -417,10 +430,10 @@ def render(index: int, label: int, photos: Sequence[Photo], backgrounds: Sequenc
     photo = photos[int(rng.integers(len(photos)))]
     kind, blend = "real", ""
     img = photo.image
+    prm = draw_post_params(rng, len(backgrounds))  # first: a fake is made for the size it is shown at
     if label == 1:
-        fake = make_fake(photo, photos, rng)
+        fake = make_fake(photo, photos, rng, shown_face=photo.face_size * crop_geometry(photo.box, prm)[4])
         img, kind, blend = fake.image, fake.kind, fake.blend
-    prm = draw_post_params(rng, len(backgrounds))
     jpg = post_process(img, photo.box, backgrounds, prm)
     return jpg, {"photo": Path(photo.name).name, "kind": kind, "blend": blend,
                  "long_side": prm.out_long, "quality": prm.quality}

@@ -449,7 +449,7 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
     steps = math.ceil(len(loader) / cfg.accum_steps)
     scheduler = engine.warmup_cosine(optimizer, cfg.ft_warmup_epochs * steps, cfg.ft_epochs * steps, cfg.min_lr_ratio)
     stepper = engine.Stepper(model, optimizer, scheduler, engine.make_scaler(dev, cfg.amp), env, cfg.accum_steps, cfg.max_bad_steps)
-    aug = build_augment("finetune", cfg.jpeg_p).to(dev)
+    aug = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev)
     stem = f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "metrics", "probs", "model"}
