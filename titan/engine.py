@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .checkpoints import CheckpointError, load_file, save_atomic
-from .ensemble import autocast_for, resolve_device
+from .ensemble import amp_dtype, autocast_for, resolve_device
 
 
 # --- device and processes ---------------------------------------------------------------------
@@ -110,13 +110,6 @@ def seed_everything(seed: int) -> None:
 
 
 # --- mixed precision ----------------------------------------------------------------------------
-
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 on CUDA where supported, else fp16; None (fp32) on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 def autocast(device: torch.device, enabled: bool):
     return autocast_for(device, enabled) if amp_dtype(device, enabled) else nullcontext()

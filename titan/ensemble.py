@@ -92,10 +92,12 @@ def load_fold(backbone_path: str | os.PathLike, head_path: str | os.PathLike, me
                  "arch": arch, "variant": variant, "head": head})
 
 
-def find_folds(directory: str | os.PathLike, prefix: str = "v42") -> list[tuple[int, Path, Path, Path | None]]:
+def find_folds(directory: str | os.PathLike, prefix: str = "v42",
+               include_headless: bool = False) -> list[tuple[int, Path, Path | None, Path | None]]:
     """(k, backbone, head, meta-or-None) for every ``{prefix}_backbone_fold{k}.pth`` with its head.
 
     Also matches the original V38 names ``titan_backbone_fold{k}.pth`` when prefix='titan'.
+    ``include_headless`` keeps backbones without a head file too (head None), so callers can name them.
     """
     directory = Path(directory)
     out = []
@@ -106,9 +108,9 @@ def find_folds(directory: str | os.PathLike, prefix: str = "v42") -> list[tuple[
         k = int(m.group(1))
         head = directory / f"{prefix}_head_fold{k}.pth"
         meta = directory / f"{prefix}_meta_fold{k}.pth"
-        if head.is_file():
-            out.append((k, p, head, meta if meta.is_file() else None))
-    return sorted(out)
+        if head.is_file() or include_headless:
+            out.append((k, p, head if head.is_file() else None, meta if meta.is_file() else None))
+    return sorted(out, key=lambda f: f[0])
 
 
 # --- TTA --------------------------------------------------------------------------------------
@@ -149,11 +151,19 @@ def to_float_image(x: torch.Tensor, device: torch.device, channels_last: bool = 
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """bf16 on CUDA where supported, else fp16; None (fp32) on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast_for(device: torch.device, enabled: bool = True):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+    """Autocast at ``amp_dtype`` on CUDA; a disabled autocast (fp32) elsewhere."""
+    dtype = amp_dtype(device, enabled)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()

@@ -41,13 +41,7 @@ def discover(weights_dir: str | os.PathLike, prefix: str = "v42") -> list[FoldFi
 
     Backbones without a head are returned with ``head=None`` so callers can name them.
     """
-    weights_dir = Path(weights_dir)
-    out = {k: FoldFiles(b, h, m) for k, b, h, m in find_folds(weights_dir, prefix)}
-    for p in weights_dir.glob(f"{prefix}_backbone_fold*.pth"):
-        k = fold_number(p)
-        if k is not None and k not in out and re.fullmatch(rf"{re.escape(prefix)}_backbone_fold\d+\.pth", p.name):
-            out[k] = FoldFiles(p, None)
-    return [out[k] for k in sorted(out)]
+    return [FoldFiles(b, h, m) for _, b, h, m in find_folds(weights_dir, prefix, include_headless=True)]
 
 
 def pair_globs(backbones: str, heads: str) -> list[FoldFiles]:
