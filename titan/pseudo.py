@@ -103,14 +103,11 @@ def text_histogram(probs: np.ndarray, bins: int = 20, width: int = 40) -> str:
 
 
 def save_histogram_png(probs: np.ndarray, hi: float, lo: float, path: str | os.PathLike, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plt, save  # the shared Agg figure writer: atomic, closes the figure
 
     p = np.asarray(probs, dtype=np.float64)
     p = p[np.isfinite(p)]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(p, bins=50, range=(0, 1), color="#4c72b0")
     for t, c, lab in ((lo, "#2ca02c", f"real < {lo:g}"), (hi, "#d62728", f"fake > {hi:g}")):
         ax.axvline(t, color=c, linestyle="--", label=lab)
@@ -119,11 +116,7 @@ def save_histogram_png(probs: np.ndarray, hi: float, lo: float, path: str | os.P
     ax.set_ylabel("test images")
     ax.set_title(title or "Test-set probabilities and diamond thresholds")
     ax.legend(loc="upper center")
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _fold_files(cfg: DiamondConfig):
