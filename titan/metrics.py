@@ -28,6 +28,18 @@ def f1_precision_recall(y_true, y_pred) -> tuple[float, float, float]:
     return f1, precision, recall
 
 
+def ranked_counts(y_true, y_prob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct scores descending, TP, FP) of the rule ``prob >= score`` at each distinct score.
+
+    The one sweep behind the threshold search, AP and the ROC / F1 curves.
+    """
+    y, p = _arrays(y_true, y_prob)
+    order = np.argsort(-p, kind="mergesort")
+    ps, ys = p[order], y[order]
+    last_of_run = np.r_[ps[1:] != ps[:-1], True]  # cut after a run of equal scores
+    return ps[last_of_run], np.cumsum(ys)[last_of_run], np.cumsum(1 - ys)[last_of_run]
+
+
 def best_f1_threshold(y_true, y_prob) -> tuple[float, float]:
     """(threshold, F1) maximising F1 for the rule ``prob >= threshold``.
 
@@ -37,15 +49,11 @@ def best_f1_threshold(y_true, y_prob) -> tuple[float, float]:
     y, p = _arrays(y_true, y_prob)
     if y.sum() == 0:
         return 0.5, 0.0
-    order = np.argsort(-p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    last_of_run = np.r_[ps[1:] != ps[:-1], True]  # cut after a run of equal scores
-    tp = np.cumsum(ys)[last_of_run]
-    fp = np.cumsum(1 - ys)[last_of_run]
+    cuts, tp, fp = ranked_counts(y, p)
     f1 = 2 * tp / (2 * tp + fp + (y.sum() - tp))
     i = int(np.argmax(f1))
-    cut = ps[last_of_run][i]
-    below = ps[last_of_run][i + 1] if i + 1 < last_of_run.sum() else 0.0
+    cut = cuts[i]
+    below = cuts[i + 1] if i + 1 < len(cuts) else 0.0
     return float((cut + below) / 2), float(f1[i])
 
 
@@ -73,11 +81,7 @@ def average_precision(y_true, y_prob) -> float:
     y, p = _arrays(y_true, y_prob)
     if y.sum() == 0:
         return float("nan")
-    order = np.argsort(-p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    last = np.r_[ps[1:] != ps[:-1], True]
-    tp = np.cumsum(ys)[last]
-    fp = np.cumsum(1 - ys)[last]
+    _, tp, fp = ranked_counts(y, p)
     precision = tp / (tp + fp)
     recall = tp / y.sum()
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))

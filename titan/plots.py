@@ -23,7 +23,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .checkpoints import atomic_write  # noqa: E402
 from .logparse import Run  # noqa: E402
-from .metrics import average_precision, best_f1_threshold, confusion, roc_auc  # noqa: E402
+from .metrics import average_precision, best_f1_threshold, confusion, ranked_counts, roc_auc  # noqa: E402
 
 log = logging.getLogger("titan")
 
@@ -183,24 +183,18 @@ def oof_threshold(run: Run) -> tuple[float, str]:
 
 def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at every distinct threshold, from (0,0) to (1,1)."""
-    order = np.argsort(-p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    last = np.r_[ps[1:] != ps[:-1], True]
-    tp, fp = np.cumsum(ys)[last], np.cumsum(1 - ys)[last]
+    _, tp, fp = ranked_counts(y, p)
     return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
 
 
 def f1_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(threshold, F1, precision, recall) of the rule ``p >= threshold`` at every distinct p, ascending."""
-    order = np.argsort(-p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    last = np.r_[ps[1:] != ps[:-1], True]
-    tp, fp = np.cumsum(ys)[last], np.cumsum(1 - ys)[last]
+    cuts, tp, fp = ranked_counts(y, p)
     fn = y.sum() - tp
     f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
     precision = tp / np.maximum(tp + fp, 1)
     recall = tp / max(y.sum(), 1)
-    return ps[last][::-1], f1[::-1], precision[::-1], recall[::-1]
+    return cuts[::-1], f1[::-1], precision[::-1], recall[::-1]
 
 
 def _oof_runs(runs: Sequence[Run]) -> list[tuple[int, Run, np.ndarray, np.ndarray]]:
