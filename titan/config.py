@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, get_type_hints
 
 
@@ -156,4 +157,4 @@ def save_config(cfg, path: str | os.PathLike) -> None:
     from .checkpoints import atomic_write
 
     text = json.dumps(dataclasses.asdict(cfg), indent=2)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
