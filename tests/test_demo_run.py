@@ -1,5 +1,6 @@
 """The demo runner: its commands follow the stage scripts' contracts, it runs them in order in
-DIR, stops at a failing stage, and scores run2 against the held-out labels.
+DIR, stops at a failing stage, skips run2 when there are no diamonds, and scores the last run
+against the held-out labels.
 
 The stage scripts are stood in for by small stubs that log their argv and write the files the
 real ones write, so this checks the runner itself; the real pipeline is exercised end to end by
@@ -35,8 +36,9 @@ STUB = textwrap.dedent('''
         prob[labels.target_feature.idxmax()] = 0.2          # one missed fake
         labels.assign(prob=prob)[["Id", "prob"]].to_csv(out / "predictions_v42.csv", index=False)
         labels.assign(target_feature=(prob > 0.5).astype(int)).to_csv(out / "submission_v42.csv", index=False)
-    elif name == "make_diamonds.py":
-        Path(opt("--out")).write_text("Id,target_feature,is_pseudo\\n")
+    elif name == "make_diamonds.py":  # the original rows, then one diamond unless STUB_NO_DIAMONDS
+        rows = "demo_x,1,False\\n" + ("" if os.environ.get("STUB_NO_DIAMONDS") else "demo_y,0,True\\n")
+        Path(opt("--out")).write_text("Id,target_feature,is_pseudo\\n" + rows)
     elif name == "plot_training_curves.py":
         Path(opt("--out")).mkdir(parents=True, exist_ok=True)
     elif name == "safe_inference.py":
@@ -114,6 +116,23 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
     assert scores["safe_agreement"] == pytest.approx((n - n_fakes + 1) / n)
     assert json.loads((out / "demo_scores.json").read_text())["f1"] == pytest.approx(scores["f1"])
     assert "submission:" in err and "run2/plots" in err
+    assert scores["run"] == "run2" and scores["n_diamonds"] == 1
+
+
+def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, photos, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setenv("STUB_NO_DIAMONDS", "1")
+    out = tmp_path / "demo"
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
+    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
+    # one training run only; plots and safe inference read run1
+    assert [c["script"] for c in calls].count("train_v42_diamond.py") == 1
+    assert calls[-2]["args"] == ["run1", "--out", "run1/plots"]
+    assert _opts(calls[-1]["args"])["--weights-dir"] == "run1" and not (out / "run2").exists()
+    assert [[c["script"], *c["args"]] for c in calls[:3]] == [[e[1].split("/")[-1], *e[2:]] for e in expected[:3]]
+    assert scores["run"] == "run1" and scores["n_diamonds"] == 0 and scores["files"]["submission"].endswith("run1/submission_v42.csv")
+    assert "skipping it" in capsys.readouterr().err
 
 
 def test_failing_stage_stops_the_run_and_is_named(tmp_path, stub_repo, photos, monkeypatch):

@@ -91,3 +91,23 @@ def test_unknown_variant_and_head_are_errors():
         build_backbone("v99")
     with pytest.raises(ValueError, match="unknown head"):
         build_head("softmax")
+
+
+def test_highpass_stem_init_zeroes_flat_patches_and_keeps_the_layout():
+    hp, ref = build_backbone("atto", stem_init="highpass"), build_backbone("atto")
+    assert {k: v.shape for k, v in hp.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    w = hp.downsamples[0][0].weight  # (40, 9, 4, 4): every filter sums to zero over its patch
+    assert torch.allclose(w.sum(dim=(2, 3)), torch.zeros(w.shape[:2]), atol=1e-6)
+    assert w.abs().sum() > 0
+    # a flat 4×4 patch (any level, any channel) gives only the bias: patch means are not seen at init
+    stem = hp.downsamples[0][0]
+    flat = torch.rand(2, 9, 1, 1).expand(2, 9, 8, 8)
+    assert torch.allclose(stem(flat), stem.bias.view(1, -1, 1, 1).expand(2, -1, 2, 2), atol=1e-5)
+    # the ConvNeXt V2 reference init does see them
+    w0 = ref.downsamples[0][0].weight
+    assert w0.sum(dim=(2, 3)).abs().max() > 1e-3
+    # loaded weights replace the init entirely
+    hp.load_state_dict(ref.state_dict())
+    assert torch.equal(hp.downsamples[0][0].weight, w0)
+    with pytest.raises(ValueError, match="unknown stem_init"):
+        build_backbone("atto", stem_init="dct")

@@ -31,6 +31,25 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+STEM_INITS = ("trunc_normal", "highpass")
+
+
+@torch.no_grad()
+def highpass_(conv: nn.Conv2d) -> nn.Conv2d:
+    """Make each filter sum to zero over its kernel window, per input channel.
+
+    Why: the patchify stem is linear and LayerNorm follows it, so at random init each 4×4 patch's
+    mean colour swamps the within-patch detail where blending and resampling artefacts live, and
+    a from-scratch model on a small set memorises layouts instead. Zero-sum filters start the stem
+    as a bank of high-pass (prediction-error) filters, as in Bayar & Stamm's constrained first
+    layer for manipulation detection (2016); unlike theirs, nothing is constrained afterwards, so
+    training can bring colour back. An initialisation only: keys, shapes and the input transform
+    are unchanged, and loaded weights overwrite it.
+    """
+    conv.weight.sub_(conv.weight.mean(dim=(2, 3), keepdim=True))
+    return conv
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over channels of an NCHW map (held as ``norm`` to match released keys)."""
 
@@ -101,7 +120,8 @@ class ConvNeXtV2(nn.Module):
 
     stride = 32
 
-    def __init__(self, depths=(3, 3, 12, 3), dims=(96, 192, 384, 768), drop_path_rate: float = 0.0) -> None:
+    def __init__(self, depths=(3, 3, 12, 3), dims=(96, 192, 384, 768), drop_path_rate: float = 0.0,
+                 stem_init: str = "trunc_normal") -> None:
         super().__init__()
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.num_features = dims[-1]
@@ -118,6 +138,10 @@ class ConvNeXtV2(nn.Module):
             self.stages.append(nn.Sequential(*[Block(dims[i], rates[start + j]) for j in range(depth)]))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.apply(self._init_weights)
+        if stem_init == "highpass":
+            highpass_(self.downsamples[0][0])
+        elif stem_init != "trunc_normal":
+            raise ValueError(f"unknown stem_init {stem_init!r}; choose one of {STEM_INITS}")
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -145,9 +169,9 @@ class ConvNeXtV2(nn.Module):
         return self.pool(self.forward_maps(self.preproc(x)))
 
 
-def build_backbone(variant: str = "v42", drop_path_rate: float = 0.0) -> ConvNeXtV2:
-    """A backbone by variant name: v42, v38, atto, femto, pico, nano."""
+def build_backbone(variant: str = "v42", drop_path_rate: float = 0.0, stem_init: str = "trunc_normal") -> ConvNeXtV2:
+    """A backbone by variant name: v42, v38, atto, femto, pico, nano; ``stem_init`` as in ``STEM_INITS``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown backbone variant {variant!r}; choose one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
-    return ConvNeXtV2(v.depths, v.dims, drop_path_rate=drop_path_rate)
+    return ConvNeXtV2(v.depths, v.dims, drop_path_rate=drop_path_rate, stem_init=stem_init)

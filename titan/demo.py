@@ -213,9 +213,9 @@ def _generator_resolution(img: np.ndarray, face_size: float, shown_face: float, 
     autoencoder 64×64, later ones 128–256 px) that is then upscaled into the frame: the swapped
     face comes out softer than its sharp surroundings. ``face_size`` is the face in this photo's
     pixels, ``shown_face`` the face as the written image shows it; the face is rendered at
-    40–64 px and at most 65 % of the shown size, so the softness survives the final resize
-    (and the 128 px face crops the demo trains on)."""
-    rendered = min(shown_face * rng.uniform(0.35, 0.65), rng.uniform(40, 64))
+    24–40 px (the inner face of a 64×64 DeepFakes crop) and at most 40 % of the shown size, so
+    the softness survives the final resize and the demo's 96 px face crops."""
+    rendered = min(shown_face * rng.uniform(0.2, 0.4), rng.uniform(24, 40))
     factor = face_size / max(rendered, 8.0)
     if factor < 1.2:
         return img

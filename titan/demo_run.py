@@ -4,8 +4,9 @@
 
 Builds the demo set (``titan.demo``) in DIR, then runs, in DIR, printing each command first:
 align_faces.py → train_v42_diamond.py (demo preset) into run1 → make_diamonds.py with run1's folds
-→ train_v42_diamond.py again with the diamonds into run2 → plot_training_curves.py →
-safe_inference.py with run2's folds. It ends by scoring run2's submission and probabilities
+→ train_v42_diamond.py again with the diamonds into run2 (skipped, with a notice, when there are
+none: it would repeat run1) → plot_training_curves.py → safe_inference.py with the last run's
+folds. It ends by scoring that run's submission and probabilities
 against DIR/test_labels.csv (F1, ROC-AUC, missed fakes; also written to DIR/demo_scores.json)
 and how often the safe submission agrees with the main one.
 """
@@ -69,17 +70,21 @@ def _flags(flags: dict) -> list[str]:
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
-def demo_stages(quick: bool = False) -> list[Stage]:
-    """The stage commands of the demo, in order, with their arguments (run in DIR)."""
+def demo_stages(quick: bool = False, final: str = RUNS[1]) -> list[Stage]:
+    """The stage commands of the demo, in order, with their arguments (run in DIR). ``final`` is
+    the run that plots and safe inference use: run2, or run1 when run2 is skipped (no diamonds)."""
     train = dict(TRAIN_FLAGS, **(QUICK_TRAIN_FLAGS if quick else {}))
-    return [
+    stages = [
         Stage("align", "align_faces.py", _flags(ALIGN_FLAGS)),
         Stage("train run1", "train_v42_diamond.py", _flags(dict(train, **{"out-dir": RUNS[0]}))),
         Stage("diamonds", "make_diamonds.py", _flags({"weights-dir": RUNS[0], **DIAMOND_FLAGS})),
-        Stage("train run2", "train_v42_diamond.py", _flags(dict(train, **{"out-dir": RUNS[1]}))),
-        Stage("plots", "plot_training_curves.py", [RUNS[1], *_flags({"out": f"{RUNS[1]}/plots"})]),
+    ]
+    if final == RUNS[1]:
+        stages.append(Stage("train run2", "train_v42_diamond.py", _flags(dict(train, **{"out-dir": RUNS[1]}))))
+    return stages + [
+        Stage("plots", "plot_training_curves.py", [final, *_flags({"out": f"{final}/plots"})]),
         Stage("safe inference", "safe_inference.py",
-              _flags({"weights-dir": RUNS[1], **SAFE_FLAGS, "out": f"{RUNS[1]}/submission_safe.csv"})),
+              _flags({"weights-dir": final, **SAFE_FLAGS, "out": f"{final}/submission_safe.csv"})),
     ]
 
 
@@ -163,6 +168,12 @@ def score(out: str | os.PathLike, run: str = RUNS[1]) -> dict:
     }
 
 
+def count_diamonds(path: Path) -> int:
+    """How many confident test rows (``is_pseudo`` true) make_diamonds added to ``path``."""
+    df = _read(path, ["is_pseudo"])
+    return int(df["is_pseudo"].astype(str).str.strip().str.lower().isin(("true", "1")).sum())
+
+
 def clean(out: Path) -> None:
     """Remove what an earlier demo run generated in ``out`` (and only that)."""
     for rel in GENERATED:
@@ -176,7 +187,7 @@ def clean(out: Path) -> None:
 def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = None, quick: bool = False,
              resume: bool = False, photos_dir: str | os.PathLike | None = None, repo: str | os.PathLike = REPO,
              python: str = sys.executable, log: RunLog | None = None) -> dict:
-    """Build the demo set, run every stage, score run2; returns the scores (also in demo_scores.json)."""
+    """Build the demo set, run every stage, score the last run; returns the scores (also in demo_scores.json)."""
     out, repo = Path(out).resolve(), Path(repo).resolve()
     spec = spec or demo.DemoSpec(n_images=QUICK_N_IMAGES if quick else demo.DemoSpec().n_images)
     log = log or RunLog(out / "demo_log.txt", out / "demo_log.jsonl")
@@ -192,8 +203,20 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
         demo.build_dataset(out, spec, photos_dir=photos_dir, log=log)
         atomic_write(spec_file, lambda tmp: Path(tmp).write_text(json.dumps(asdict(spec))))
     times = {"dataset": round(time.time() - t0, 1)}
-    times.update(run_stages(demo_stages(quick), out, log, repo, python))
-    scores = score(out)
+    first = demo_stages(quick)[:3]  # align, run1, diamonds
+    times.update(run_stages(first, out, log, repo, python))
+    n_diamonds = count_diamonds(out / DIAMONDS)
+    final = RUNS[1] if n_diamonds else RUNS[0]
+    if n_diamonds:
+        log.info(f"{n_diamonds} diamond(s) (confident test images) join the training rows for {RUNS[1]}")
+    else:
+        # run2 would train on exactly run1's rows with run1's seeds: minutes for the same folds.
+        log.info(f"NOTICE: make_diamonds found no test image beyond its thresholds, so {DIAMONDS} holds the "
+                 f"original rows only and {RUNS[1]} would repeat {RUNS[0]}: skipping it; plots, safe "
+                 f"inference and the scores use {RUNS[0]}")
+    times.update(run_stages(demo_stages(quick, final)[len(first):], out, log, repo, python))
+    scores = score(out, final)
+    scores["run"], scores["n_diamonds"] = final, n_diamonds
     scores["seconds"] = {**times, "total": round(time.time() - t0, 1)}
     atomic_write(out / "demo_scores.json", lambda tmp: Path(tmp).write_text(json.dumps(scores, indent=2)))
     log.record("demo_scores", **scores)
@@ -201,7 +224,7 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
              f"(chance {scores['chance_f1']:.3f}) | ROC-AUC {scores['roc_auc']:.3f} (chance 0.5) | "
              f"missed fakes {scores['missed_fakes']}/{scores['n_fakes']} | safe inference agrees on "
              f"{100 * scores['safe_agreement']:.1f}% of images (F1 {scores['safe_f1']:.3f})")
-    log.info(f"submission: {scores['files']['submission']}  |  plots: {out / RUNS[1] / 'plots'}  |  "
+    log.info(f"submission: {scores['files']['submission']}  |  plots: {out / final / 'plots'}  |  "
              f"scores: {out / 'demo_scores.json'}  |  total {scores['seconds']['total']:.0f} s")
     return scores
 

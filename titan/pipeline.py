@@ -274,7 +274,7 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path | None:
         sampler = engine.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = r.loader(dataset, cfg.batch_size, sampler)
 
-        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path), cfg.mask_patch, cfg.mask_ratio)
+        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path, cfg.stem_init), cfg.mask_patch, cfg.mask_ratio)
         raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
         model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
         optimizer = engine.make_optimizer(raw, cfg.ssl_lr, cfg.ssl_weight_decay, dev)
@@ -395,7 +395,7 @@ def _imbalance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.ndarra
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
     """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
     arch = resolve_arch(cfg.arch, cfg.variant)
-    backbone = build_arch_backbone(arch.name, cfg.drop_path)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem_init)
     if cfg.init_weights:
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
