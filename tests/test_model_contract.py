@@ -93,21 +93,33 @@ def test_unknown_variant_and_head_are_errors():
         build_head("softmax")
 
 
-def test_highpass_stem_init_zeroes_flat_patches_and_keeps_the_layout():
-    hp, ref = build_backbone("atto", stem_init="highpass"), build_backbone("atto")
+def test_highpass_stem_ignores_flat_patches_and_keeps_the_release_layout():
+    hp, ref = build_backbone("atto", stem="highpass"), build_backbone("atto")
     assert {k: v.shape for k, v in hp.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
-    w = hp.downsamples[0][0].weight  # (40, 9, 4, 4): every filter sums to zero over its patch
-    assert torch.allclose(w.sum(dim=(2, 3)), torch.zeros(w.shape[:2]), atol=1e-6)
-    assert w.abs().sum() > 0
-    # a flat 4×4 patch (any level, any channel) gives only the bias: patch means are not seen at init
-    stem = hp.downsamples[0][0]
+    stem = hp.downsamples[0][0]  # (40, 9, 4, 4): every filter sums to zero over its patch
+    assert torch.allclose(stem.weight.sum(dim=(2, 3)), torch.zeros(40, 9), atol=1e-6) and stem.weight.abs().sum() > 0
+    # a flat 4×4 patch (any level, any channel) gives only the bias: patch means are invisible
     flat = torch.rand(2, 9, 1, 1).expand(2, 9, 8, 8)
     assert torch.allclose(stem(flat), stem.bias.view(1, -1, 1, 1).expand(2, -1, 2, 2), atol=1e-5)
-    # the ConvNeXt V2 reference init does see them
-    w0 = ref.downsamples[0][0].weight
-    assert w0.sum(dim=(2, 3)).abs().max() > 1e-3
-    # loaded weights replace the init entirely
-    hp.load_state_dict(ref.state_dict())
-    assert torch.equal(hp.downsamples[0][0].weight, w0)
-    with pytest.raises(ValueError, match="unknown stem_init"):
-        build_backbone("atto", stem_init="dct")
+    # the ConvNeXt V2 reference stem does see them
+    assert ref.downsamples[0][0].weight.sum(dim=(2, 3)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="unknown stem"):
+        build_backbone("atto", stem="dct")
+
+
+def test_highpass_stem_stays_zero_sum_while_training_and_projects_loaded_weights():
+    from titan.convnextv2 import keep_stem_highpass
+    m, head = build_backbone("atto"), build_head("linear", 320)
+    w0 = m.downsamples[0][0].weight.detach().clone()  # standard init, e.g. loaded SSL weights
+    opt = torch.optim.AdamW(list(m.parameters()) + list(head.parameters()), lr=1e-2)
+    keep_stem_highpass(m, opt)
+    w = m.downsamples[0][0].weight
+    assert torch.allclose(w, w0 - w0.mean(dim=(2, 3), keepdim=True))  # projected once on registration
+    x, y = torch.rand(4, 3, 64, 64), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    for _ in range(3):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(m(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.allclose(w, w0 - w0.mean(dim=(2, 3), keepdim=True))  # it trained...
+    assert torch.allclose(w.sum(dim=(2, 3)), torch.zeros(40, 9), atol=1e-5)  # ...and stayed high-pass

@@ -232,6 +232,15 @@ def test_fold_resumes_after_a_kill_and_matches_an_uninterrupted_run(data: Path, 
     assert [(r["fold"], r["epoch"]) for r in recs if r["event"] == "ft_epoch"] == [(0, 1), (0, 2), (1, 1), (1, 2)]
 
 
+def test_highpass_stem_survives_ssl_and_fine_tuning_into_the_saved_weights(data: Path):
+    over = dict(stem="highpass", ssl_epochs=1, n_folds=2, ft_epochs=1, img_size=32, batch_size=16)
+    pipeline.run_stages(cfg_for(data, "hp", **over), ["ssl", "finetune"])
+    for name in ("titan_v42_ssl.pth", "v42_backbone_fold0.pth", "v42_backbone_fold1.pth"):
+        w = load_state_dict(data / "hp" / name)["downsamples.0.0.weight"]
+        assert torch.allclose(w.sum(dim=(2, 3)), torch.zeros(w.shape[:2]), atol=1e-5), name
+        assert w.abs().sum() > 0, name
+
+
 def test_non_finite_ssl_loss_is_skipped_and_counted_then_stops_the_run_naming_the_step(data: Path, monkeypatch):
     from titan.simmim import SimMIM
 

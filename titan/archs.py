@@ -99,11 +99,11 @@ def resolve_arch(arch: str, variant: str) -> Arch:
     return parse_arch(arch or f"titan-{variant}")
 
 
-def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem_init: str = "trunc_normal") -> nn.Module:
-    """``stem_init`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's init."""
+def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard") -> nn.Module:
+    """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem."""
     arch = parse_arch(name)
     if arch.variant:
-        return build_backbone(arch.variant, drop_path_rate, stem_init)
+        return build_backbone(arch.variant, drop_path_rate, stem)
     return MobileNetV2Body() if name == "mobilenetv2" else EffNetB3FPNCBAM()
 
 

@@ -30,7 +30,7 @@ class TrainConfig:
     img_size: int = 512
     dropout: float = 0.25
     drop_path: float = 0.0
-    stem_init: str = "trunc_normal"  # trunc_normal (ConvNeXt V2) | highpass: zero-sum stem filters, for from-scratch runs on small data
+    stem: str = "standard"  # standard (ConvNeXt V2) | highpass: stem filters kept zero-sum (TitanNet; from scratch on small data)
     # schedule
     batch_size: int = 8
     accum_steps: int = 4
@@ -81,10 +81,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `make demo`: the real pipeline on the 500-image demo set in minutes on 2 CPU cores. The
     # demo's cues are blending artefacts (a softer, recoloured face inside a sharp frame), so blur
     # and JPEG augmentation are off; a from-scratch model on ~250 images learns them only slowly,
-    # so no label smoothing or head dropout either, and its stem starts high-pass (zero-sum filters)
-    # so the first epochs see those artefacts rather than each patch's mean colour; 96 px keeps the
-    # cues and the time.
-    "demo": dict(variant="atto", stem_init="highpass", img_size=96, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
+    # so no label smoothing or head dropout either, and a high-pass stem (zero-sum filters) so it
+    # looks at those artefacts rather than each patch's mean colour; 96 px keeps cues and time.
+    "demo": dict(variant="atto", stem="highpass", img_size=96, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
                  ssl_warmup_epochs=0, n_folds=3, ft_epochs=16, ft_lr=3e-4, ft_warmup_epochs=1,
                  label_smoothing=0.0, dropout=0.0, jpeg_p=0.0, blur_p=0.0, infer_batch_size=32,
                  tta="identity,hflip", threads=2),

@@ -31,23 +31,29 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-STEM_INITS = ("trunc_normal", "highpass")
+STEMS = ("standard", "highpass")
 
 
 @torch.no_grad()
 def highpass_(conv: nn.Conv2d) -> nn.Conv2d:
-    """Make each filter sum to zero over its kernel window, per input channel.
-
-    Why: the patchify stem is linear and LayerNorm follows it, so at random init each 4×4 patch's
-    mean colour swamps the within-patch detail where blending and resampling artefacts live, and
-    a from-scratch model on a small set memorises layouts instead. Zero-sum filters start the stem
-    as a bank of high-pass (prediction-error) filters, as in Bayar & Stamm's constrained first
-    layer for manipulation detection (2016); unlike theirs, nothing is constrained afterwards, so
-    training can bring colour back. An initialisation only: keys, shapes and the input transform
-    are unchanged, and loaded weights overwrite it.
-    """
+    """Project each filter onto zero sum over its kernel window, per input channel."""
     conv.weight.sub_(conv.weight.mean(dim=(2, 3), keepdim=True))
     return conv
+
+
+def keep_stem_highpass(backbone: "ConvNeXtV2", optimizer: torch.optim.Optimizer) -> None:
+    """The ``highpass`` stem: zero-sum stem filters now and after every optimizer step.
+
+    Why: the patchify stem is linear and LayerNorm follows it, so each 4×4 patch's mean colour
+    swamps the within-patch detail where blending and resampling artefacts live; a from-scratch
+    model on a small set then memorises layouts instead. This is Bayar & Stamm's constrained
+    first layer for manipulation detection (2016, 2018) in its zero-sum form: the stem can only
+    learn high-pass (prediction-error) filters. Keys, shapes and the input transform are
+    unchanged, so the weights load anywhere; loaded weights are projected once, here.
+    """
+    conv = backbone.downsamples[0][0]
+    highpass_(conv)
+    optimizer.register_step_post_hook(lambda *_: highpass_(conv))
 
 
 class LayerNorm2d(nn.Module):
@@ -121,7 +127,7 @@ class ConvNeXtV2(nn.Module):
     stride = 32
 
     def __init__(self, depths=(3, 3, 12, 3), dims=(96, 192, 384, 768), drop_path_rate: float = 0.0,
-                 stem_init: str = "trunc_normal") -> None:
+                 stem: str = "standard") -> None:
         super().__init__()
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.num_features = dims[-1]
@@ -138,10 +144,10 @@ class ConvNeXtV2(nn.Module):
             self.stages.append(nn.Sequential(*[Block(dims[i], rates[start + j]) for j in range(depth)]))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.apply(self._init_weights)
-        if stem_init == "highpass":
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+        if stem == "highpass":  # training keeps it so: keep_stem_highpass
             highpass_(self.downsamples[0][0])
-        elif stem_init != "trunc_normal":
-            raise ValueError(f"unknown stem_init {stem_init!r}; choose one of {STEM_INITS}")
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -169,9 +175,9 @@ class ConvNeXtV2(nn.Module):
         return self.pool(self.forward_maps(self.preproc(x)))
 
 
-def build_backbone(variant: str = "v42", drop_path_rate: float = 0.0, stem_init: str = "trunc_normal") -> ConvNeXtV2:
-    """A backbone by variant name: v42, v38, atto, femto, pico, nano; ``stem_init`` as in ``STEM_INITS``."""
+def build_backbone(variant: str = "v42", drop_path_rate: float = 0.0, stem: str = "standard") -> ConvNeXtV2:
+    """A backbone by variant name: v42, v38, atto, femto, pico, nano; ``stem``: one of ``STEMS``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown backbone variant {variant!r}; choose one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
-    return ConvNeXtV2(v.depths, v.dims, drop_path_rate=drop_path_rate, stem_init=stem_init)
+    return ConvNeXtV2(v.depths, v.dims, drop_path_rate=drop_path_rate, stem=stem)

@@ -30,7 +30,7 @@ from .archs import build_arch_backbone, load_init_weights, resolve_arch
 from .augment import augment_batch, build_augment
 from .checkpoints import atomic_write, load_file, load_into, read_meta, save_atomic, save_checkpoint
 from .config import TrainConfig, save_config
-from .convnextv2 import build_backbone
+from .convnextv2 import build_backbone, keep_stem_highpass
 from .data import EncodedFaceDataset, FaceDataset, ImageIndex, LabelCSVError, collate_encoded, decode_on_device, read_labels
 from .ensemble import FoldModel, ensemble_probability, find_folds, load_fold, parse_tta, predict_batches, to_float_image
 from .heads import ArcFaceHead, build_head
@@ -274,10 +274,12 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path | None:
         sampler = engine.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = r.loader(dataset, cfg.batch_size, sampler)
 
-        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path, cfg.stem_init), cfg.mask_patch, cfg.mask_ratio)
+        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path, cfg.stem), cfg.mask_patch, cfg.mask_ratio)
         raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
         model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
         optimizer = engine.make_optimizer(raw, cfg.ssl_lr, cfg.ssl_weight_decay, dev)
+        if cfg.stem == "highpass":
+            keep_stem_highpass(raw.encoder, optimizer)
         steps = math.ceil(len(loader) / cfg.accum_steps)
         scheduler = engine.warmup_cosine(optimizer, cfg.ssl_warmup_epochs * steps, cfg.ssl_epochs * steps, cfg.min_lr_ratio)
         stepper = engine.Stepper(model, optimizer, scheduler, engine.make_scaler(dev, cfg.amp), env, cfg.accum_steps, cfg.max_bad_steps)
@@ -395,11 +397,13 @@ def _imbalance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.ndarra
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
     """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
     arch = resolve_arch(cfg.arch, cfg.variant)
-    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem_init)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem)
     if cfg.init_weights:
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
         log.info(f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation")
+    if cfg.stem != "standard" and not arch.ssl:
+        log.info(f"NOTICE: --stem {cfg.stem} applies to TitanNet only; {arch.name} keeps its own stem")
     elif ssl_path.is_file():
         load_into(backbone, ssl_path)
     else:
@@ -446,6 +450,8 @@ def train_fold(r: Run, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
     raw = build_classifier(cfg, r.path(SSL_WEIGHTS), log, pos_weight)
     model = engine.prepare_model(raw, env, r.channels_last, cfg.compile)
     optimizer = engine.make_optimizer(raw, cfg.ft_lr, cfg.ft_weight_decay, dev)
+    if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
+        keep_stem_highpass(raw.backbone, optimizer)
     steps = math.ceil(len(loader) / cfg.accum_steps)
     scheduler = engine.warmup_cosine(optimizer, cfg.ft_warmup_epochs * steps, cfg.ft_epochs * steps, cfg.min_lr_ratio)
     stepper = engine.Stepper(model, optimizer, scheduler, engine.make_scaler(dev, cfg.amp), env, cfg.accum_steps, cfg.max_bad_steps)
