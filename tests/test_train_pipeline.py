@@ -241,6 +241,15 @@ def test_highpass_stem_survives_ssl_and_fine_tuning_into_the_saved_weights(data:
         assert w.abs().sum() > 0, name
 
 
+def test_zero_ssl_epochs_skips_simmim_and_fine_tunes_from_scratch(data: Path):
+    pipeline.run_stages(cfg_for(data, "nossl", ssl_epochs=0, n_folds=2, ft_epochs=1, img_size=32, batch_size=16),
+                        ["ssl", "finetune"])
+    assert not (data / "nossl" / "titan_v42_ssl.pth").exists()
+    assert (data / "nossl" / "v42_backbone_fold1.pth").is_file()
+    text = (data / "nossl" / "training_v42_log.txt").read_text()
+    assert "SimMIM skipped" in text and "SSL off (--ssl-epochs 0): fine-tuning from random initialisation" in text
+
+
 def test_non_finite_ssl_loss_is_skipped_and_counted_then_stops_the_run_naming_the_step(data: Path, monkeypatch):
     from titan.simmim import SimMIM
 

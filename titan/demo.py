@@ -213,9 +213,10 @@ def _generator_resolution(img: np.ndarray, face_size: float, shown_face: float, 
     autoencoder 64×64, later ones 128–256 px) that is then upscaled into the frame: the swapped
     face comes out softer than its sharp surroundings. ``face_size`` is the face in this photo's
     pixels, ``shown_face`` the face as the written image shows it; the face is rendered at
-    24–40 px (the inner face of a 64×64 DeepFakes crop) and at most 40 % of the shown size, so
-    the softness survives the final resize and the demo's 96 px face crops."""
-    rendered = min(shown_face * rng.uniform(0.2, 0.4), rng.uniform(24, 40))
+    16–28 px and at most 30 % of the shown size (a low-quality swap: the inner face of a 64×64
+    DeepFakes crop, shown large), so the softness survives the final resize and the demo's 96 px
+    face crops: a model trained from scratch for a few CPU minutes can learn it."""
+    rendered = min(shown_face * rng.uniform(0.12, 0.3), rng.uniform(16, 28))
     factor = face_size / max(rendered, 8.0)
     if factor < 1.2:
         return img

@@ -262,6 +262,9 @@ def run_ssl(cfg: TrainConfig, run: Run | None = None) -> Path | None:
             log.info(f"NOTICE: {arch.name} takes no SimMIM pretraining (TitanNet only); skipping SSL")
             return None
         out_path = r.path(SSL_WEIGHTS)
+        if cfg.ssl_epochs <= 0:
+            log.info("SSL: --ssl-epochs 0, SimMIM skipped")
+            return None
         if out_path.is_file() and int(read_meta(out_path).get("epoch", -1)) >= cfg.ssl_epochs:
             log.info(f"SSL already complete ({out_path}); skipping")
             return out_path
@@ -406,6 +409,8 @@ def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: 
         log.info(f"NOTICE: --stem {cfg.stem} applies to TitanNet only; {arch.name} keeps its own stem")
     elif ssl_path.is_file():
         load_into(backbone, ssl_path)
+    elif cfg.ssl_epochs <= 0:
+        log.info("SSL off (--ssl-epochs 0): fine-tuning from random initialisation")
     else:
         log.info(f"NOTICE: {ssl_path} not found — fine-tuning from random initialisation (run --stages ssl first)")
     kwargs = {"dropout": cfg.dropout} if cfg.head == "linear" else {}
