@@ -78,7 +78,8 @@ def test_commands_follow_the_stage_contracts(tmp_path):
     assert train2 == dict(train1, **{"--out-dir": "run2"})
     # diamonds come from run1's folds and feed run2's --train-csv
     assert diamonds == {"--weights-dir": "run1", "--prefix": "v42", "--test-dir": "data/faces_512/test",
-                        "--train-csv": "data/dataset/train_solution.csv", "--out": "train_diamond.csv"}
+                        "--train-csv": "data/dataset/train_solution.csv", "--out": "train_diamond.csv",
+                        "--hi": "0.9", "--lo": "0.1"}
     assert cmds[4][2:] == ["run2", "--out", "run2/plots"]
     assert safe == {"--weights-dir": "run2", "--prefix": "v42", "--test-dir": "data/faces_512/test",
                     "--raw-test-dir": "data/dataset/test_images", "--out": "run2/submission_safe.csv"}
