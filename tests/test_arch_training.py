@@ -112,3 +112,20 @@ def test_init_weights_loads_a_local_imagenet_checkpoint(data, tmp_path):
     model = pipeline.build_classifier(cfg, tmp_path / "no_ssl.pth", pipeline.RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl"), None)
     assert torch.equal(model.backbone.features[0][0].weight, ref.features[0][0].weight)
     assert "ImageNet features from" in (tmp_path / "l.txt").read_text()
+
+
+def test_titan_init_weights_win_over_an_existing_ssl_file_and_baselines_get_no_ssl_notice(data, tmp_path):
+    from titan import build_backbone
+    from titan.checkpoints import save_checkpoint
+
+    init, ssl = build_backbone("atto"), build_backbone("atto")
+    save_checkpoint(init, tmp_path / "init.pth")
+    save_checkpoint(ssl, tmp_path / "titan_v42_ssl.pth")
+    log = pipeline.RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl")
+    cfg = cfg_for(data, "init_t", variant="atto", init_weights=str(tmp_path / "init.pth"), stem="highpass")
+    model = pipeline.build_classifier(cfg, tmp_path / "titan_v42_ssl.pth", log, None)
+    assert torch.equal(model.backbone.downsamples[0][0].weight, init.downsamples[0][0].weight)
+    cfg = cfg_for(data, "base", arch="mobilenetv2", stem="highpass")
+    pipeline.build_classifier(cfg, tmp_path / "titan_v42_ssl.pth", log, None)
+    text = (tmp_path / "l.txt").read_text()
+    assert "--stem highpass applies to TitanNet only" in text and "not found" not in text

@@ -405,14 +405,14 @@ def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: 
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
         log.info(f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation")
-    if cfg.stem != "standard" and not arch.ssl:
-        log.info(f"NOTICE: --stem {cfg.stem} applies to TitanNet only; {arch.name} keeps its own stem")
     elif ssl_path.is_file():
         load_into(backbone, ssl_path)
     elif cfg.ssl_epochs <= 0:
         log.info("SSL off (--ssl-epochs 0): fine-tuning from random initialisation")
     else:
         log.info(f"NOTICE: {ssl_path} not found — fine-tuning from random initialisation (run --stages ssl first)")
+    if cfg.stem != "standard" and not arch.ssl:
+        log.info(f"NOTICE: --stem {cfg.stem} applies to TitanNet only; {arch.name} keeps its own stem")
     kwargs = {"dropout": cfg.dropout} if cfg.head == "linear" else {}
     if cfg.head == "arcface" and pos_weight:
         log.info("NOTICE: the ArcFace margin loss takes no pos_weight; use --imbalance sampler to balance classes")
