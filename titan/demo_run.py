@@ -29,7 +29,7 @@ import pandas as pd
 
 from . import demo, metrics
 from .checkpoints import atomic_write
-from .data import read_labels
+from .data import LabelCSVError, read_labels
 from .runlog import RunLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +173,10 @@ def score(out: str | os.PathLike, run: str = RUNS[1]) -> dict:
 
 def count_diamonds(path: Path) -> int:
     """How many confident test rows (``is_pseudo`` true) make_diamonds added to ``path``."""
-    df = _read(path, ["is_pseudo"])
-    return int(df["is_pseudo"].astype(str).str.strip().str.lower().isin(("true", "1")).sum())
+    try:
+        return int(read_labels(path).is_pseudo.sum())
+    except LabelCSVError as e:
+        raise DemoRunError(f"{e}; make_diamonds.py should have written it") from None
 
 
 def clean(out: Path) -> None:
