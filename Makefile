@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # The demo set is built from photos that installed packages ship; nothing is downloaded.
 demo: $(STAMP)
-	$(PY) -m titan.demo_run --out demo_run
+	$(PY) -m titan.demo.run --out demo_run
 
 clean:
 	rm -rf $(VENV) .pytest_cache

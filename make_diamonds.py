@@ -16,28 +16,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from titan.data import LabelCSVError
-from titan.pseudo import DiamondConfig, DiamondError, make_diamonds
+from titan.config import add_config_args, config_from_args
+from titan.data.labels import LabelCSVError
+from titan.infer.diamonds import DiamondConfig, DiamondError, make_diamonds
 from titan.runlog import RunLog
-from titan.scoring import add_scoring_args
 
 
 def parse_args(argv=None) -> DiamondConfig:
-    d = DiamondConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_scoring_args(p, d)
-    p.add_argument("--backbones", default=d.backbones, help="glob of backbone files (with --heads; replaces --weights-dir/--prefix)")
-    p.add_argument("--heads", default=d.heads, help="glob of head files (with --backbones)")
-    p.add_argument("--variant", default=d.variant, help="backbone variant; empty = read from the weights")
-    p.add_argument("--head", default=d.head, choices=["", "linear", "arcface"], help="head type; empty = read from the weights")
-    p.add_argument("--train-csv", default=d.train_csv, help="original labelled rows (Id,target_feature)")
-    p.add_argument("--out", default=d.out, help="output CSV")
-    p.add_argument("--hi", type=float, default=d.hi, help="P(fake) above this → fake diamond")
-    p.add_argument("--lo", type=float, default=d.lo, help="P(fake) below this → real diamond")
-    p.add_argument("--tta", default=d.tta, help="TTA views: identity,hflip,vflip,rot+5,rot-5")
-    p.add_argument("--max-per-class", type=int, default=d.max_per_class, help="keep at most N most confident per class; 0 = all")
-    p.add_argument("--balance", action="store_true", help="keep as many real as fake diamonds (the smaller count)")
-    return DiamondConfig(**vars(p.parse_args(argv)))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(p, DiamondConfig, presets=None)
+    args = p.parse_args(argv)
+    try:
+        return config_from_args(args, DiamondConfig, presets=None)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv=None) -> int:

@@ -18,33 +18,30 @@ import logging
 import sys
 
 from titan.checkpoints import CheckpointError
-from titan.logparse import LogError
-from titan.report import make_report
+from titan.config import add_config_args, config_from_args
+from titan.report.logparse import LogError
+from titan.report.run_report import ReportOptions, make_report
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="*", default=["."], help="log files or run folders to plot (overlaid)")
-    p.add_argument("--out", default="plots", help="folder for the PNGs and report.md")
-    p.add_argument("--prefix", default="v42", help="file prefix: training_{prefix}_log.*, oof_{prefix}.csv, {prefix}_*_fold{k}.pth")
-    p.add_argument("--explain", type=int, default=0, metavar="N", help="Grad-CAM gallery of N test faces (0 = off)")
-    p.add_argument("--weights-dir", default=".", help="fold weights and predictions_{prefix}.csv for --explain")
-    p.add_argument("--test-dir", default="data/faces_512/test", help="test face crops for --explain")
-    p.add_argument("--img-size", type=int, default=None, help="--explain input size (None: img_size from the fold meta)")
-    p.add_argument("--device", default="cpu", help="--explain device (cpu, cuda, auto)")
-    return p.parse_args(argv)
+def parse_args(argv=None) -> ReportOptions:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(p, ReportOptions, presets=None)
+    args = p.parse_args(argv)
+    try:
+        return config_from_args(args, ReportOptions, presets=None)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    opts = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        written = make_report(args.runs, args.out, args.prefix, args.explain, args.weights_dir, args.test_dir,
-                              args.img_size, args.device)
+        written = make_report(opts)
     except (LogError, CheckpointError, OSError, ValueError, RuntimeError) as e:  # bad input: say so, exit 2
         print(f"plot_training_curves.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(written)} file(s) to {args.out}: {', '.join(written)}")
+    print(f"wrote {len(written)} file(s) to {opts.out}: {', '.join(written)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fallback inference: always writes a complete submission from whatever fold weights exist.
+"""Safe inference: always writes a complete submission from whatever fold weights exist.
 
     python safe_inference.py                     # README defaults
     python safe_inference.py --tta full          # identity, h-flip and ±5° rotations
@@ -16,21 +16,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from titan.fallback import SafeConfig, SafeInferenceError, safe_inference
+from titan.config import add_config_args, config_from_args
+from titan.infer.safe import SafeConfig, SafeInferenceError, safe_inference
 from titan.runlog import RunLog
-from titan.scoring import add_scoring_args
 
 
 def parse_args(argv=None) -> SafeConfig:
-    d = SafeConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_scoring_args(p, d)
-    p.add_argument("--raw-test-dir", default=d.raw_test_dir, help="original test images, re-cropped when a face crop fails")
-    p.add_argument("--out", default=d.out, help="submission CSV")
-    p.add_argument("--issues", default=d.issues, help="issues CSV; empty = safe_inference_issues.csv beside --out")
-    p.add_argument("--tta", default=d.tta, help="minimal (identity,hflip), full (identity,hflip,rot+5,rot-5) or a list")
-    p.add_argument("--margin", type=float, default=d.margin, help="face-box margin for re-crops of originals")
-    return SafeConfig(**vars(p.parse_args(argv)))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(p, SafeConfig, presets=None)
+    args = p.parse_args(argv)
+    try:
+        return config_from_args(args, SafeConfig, presets=None)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv=None) -> int:

@@ -25,23 +25,19 @@ import sys
 
 from titan.checkpoints import CheckpointError
 from titan.config import add_config_args, config_from_args
-from titan.data import LabelCSVError
-from titan.engine import NonFiniteLossError
-from titan.pipeline import STAGES, run_stages
+from titan.data.labels import LabelCSVError
+from titan.train.optim import NonFiniteLossError
+from titan.train.pipeline import StageOptions, run_stages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help="comma-separated stages to run, in pipeline order (default: %(default)s)")
+    add_config_args(parser, StageOptions, presets=None, title="stages")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        parser.error(f"unknown stage(s) {bad}; choose from {','.join(STAGES)}")
     try:
+        stages = config_from_args(args, StageOptions, presets=None).stage_list()
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))

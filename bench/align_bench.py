@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan.align import AlignOptions, align_split, encode_image  # noqa: E402
-from titan.data import decode_image  # noqa: E402
-from titan.ensemble import resolve_device  # noqa: E402
-from titan.faces import FaceDetector, face_crop, largest_face  # noqa: E402
+from titan.data.align import AlignOptions, align_split, encode_image  # noqa: E402
+from titan.data.images import decode_image  # noqa: E402
+from titan.device import resolve_device  # noqa: E402
+from titan.data.faces import FaceDetector, face_crop, largest_face  # noqa: E402
 from titan.runlog import RunLog  # noqa: E402
 
 CANVASES = [(256, 256), (360, 480), (480, 360), (512, 512), (480, 640), (600, 400)]

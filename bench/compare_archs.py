@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from titan.config import PRESETS  # noqa: E402
 from titan.runlog import RunLog  # noqa: E402
-from titan.study import DEFAULT_ARCHS, build_demo, find_data, run_study  # noqa: E402
+from titan.train.study import DEFAULT_ARCHS, build_demo, find_data, run_study  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ Rows: variant@size × mode (eager | channels_last | compile) × precision (fp32 
 fp16 + GradScaler, on CUDA). Each row reports images/s; FLOPs per step are counted once with
 torch.utils.flop_counter, giving achieved TFLOP/s, and on a known GPU the fraction of its dense
 peak for that precision. On CPU the pipeline trains in fp32, so amp rows are skipped there.
-Uses the pipeline's own pieces (titan.engine, titan.pipeline.Classifier): what it measures is what trains.
+Uses the pipeline's own pieces (titan.device, titan.train, titan.models.classifier.Classifier): what it measures is what trains.
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan import engine  # noqa: E402
-from titan.convnextv2 import build_backbone  # noqa: E402
-from titan.heads import build_head  # noqa: E402
-from titan.pipeline import Classifier  # noqa: E402
+from titan import device  # noqa: E402
+from titan.train import distributed, optim  # noqa: E402
+from titan.models.convnextv2 import build_backbone  # noqa: E402
+from titan.models.heads import build_head  # noqa: E402
+from titan.models.classifier import Classifier  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s: (bf16/fp16 tensor core, fp32 with TF32 tensor cores).
 PEAKS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "4090": (165.2, 82.6),
@@ -49,20 +50,20 @@ def sync(device: torch.device) -> None:
 
 def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    env = engine.DistEnv(device=device)
+    env = distributed.DistEnv(device=device)
     backbone = build_backbone(variant)
     raw = Classifier(backbone, build_head("linear", backbone.num_features), 0.1, 1.0)
     channels_last = mode == "channels_last"
-    model = engine.prepare_model(raw, env, channels_last=channels_last, compile=mode == "compile")
-    opt = engine.make_optimizer(raw, 1e-4, 0.05, device)
-    scaler = engine.make_scaler(device, amp)
+    model = distributed.prepare_model(raw, env, channels_last=channels_last, compile=mode == "compile")
+    opt = optim.make_optimizer(raw, 1e-4, 0.05, device)
+    scaler = device.make_scaler(device, amp)
     x = torch.rand(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.arange(batch, device=device) % 2).float()
 
     def step() -> None:
-        with engine.autocast(device, amp):
+        with device.autocast(device, amp):
             _, loss = model(x, y)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -77,7 +78,7 @@ def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: 
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step
-        with engine.autocast(device, amp):
+        with device.autocast(device, amp):
             _, loss = raw(x, y)
         loss.backward()
     opt.zero_grad(set_to_none=True)
@@ -90,7 +91,7 @@ def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: 
     dt = time.perf_counter() - t0
     tflops = flops * steps / dt / 1e12
     peak = gpu_peak(device, amp)
-    return {"variant": variant, "img_size": size, "mode": mode, "precision": (str(engine.amp_dtype(device, amp)).replace("torch.", "") if amp else "fp32"),
+    return {"variant": variant, "img_size": size, "mode": mode, "precision": (str(device.amp_dtype(device, amp)).replace("torch.", "") if amp else "fp32"),
             "batch": batch, "steps": steps, "images_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps,
             "warmup_s": warm_s, "gflop_per_step": flops / 1e9, "tflops": tflops,
             "peak_fraction": (tflops / peak) if peak else None, "device": device_name(device)}
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="default: %(default)s")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)
-    device = engine.setup_distributed(a.device).device
+    device = distributed.setup_distributed(a.device).device
     gpu = device.type == "cuda"
     batch, steps, warmup = a.batch or (8 if gpu else 2), a.steps or (20 if gpu else 3), a.warmup or (5 if gpu else 1)
     rows = []

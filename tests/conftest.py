@@ -22,6 +22,6 @@ def _seed():
 @pytest.fixture(scope="session")
 def demo_photos():
     """The demo's shipped face photos with their MTCNN faces, found once per test session."""
-    from titan import demo
+    from titan.demo import dataset as demo
 
     return demo.load_photos()

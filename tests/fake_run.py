@@ -12,7 +12,7 @@ from PIL import Image
 
 from titan import build_backbone, build_head
 from titan.checkpoints import save_atomic, save_checkpoint
-from titan.metrics import report
+from titan.metrics import binary_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMG_SIZE = 64
@@ -38,7 +38,7 @@ def make_fake_run(root: Path, n_folds: int = 2, weights: bool = True, seed: int 
     oof = pd.DataFrame({"Id": [f"tr{i:03d}" for i in range(y.size)], "target_feature": y, "prob": p,
                         "fold": np.arange(y.size) % n_folds})
     oof.to_csv(root / "oof_v42.csv", index=False)
-    oof_report = report(y, p)
+    oof_report = binary_metrics(y, p)
     folds = [{"fold": k, "best_epoch": 2 + k, "f1": 0.8 + 0.05 * k, "th": 0.43, "auc": 0.9, "ap": 0.88} for k in range(n_folds)]
     (root / "metrics_v42.json").write_text(json.dumps({"oof": oof_report, "folds": folds}))
     (root / "config_v42.json").write_text(json.dumps({"variant": "atto", "img_size": IMG_SIZE, "n_folds": n_folds, "seed": 3407}))

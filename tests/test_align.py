@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-import titan.align as align
-from titan.align import AlignOptions, Manifest, in_shard, parse_shard, run_align
-from titan.faces import Detection, FaceDetector, face_crop, square_around
+import titan.data.align as align
+from titan.data.align import AlignOptions, Manifest, in_shard, parse_shard, run_align
+from titan.data.faces import Detection, FaceDetector, face_crop, square_around
 from titan.runlog import RunLog
 
 # Where MTCNN puts the astronaut's face in the 512×512 original, as fractions of the side.

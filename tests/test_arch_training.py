@@ -9,14 +9,15 @@ import torch
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from test_train_pipeline import cfg_for, make_faces
-from titan import pipeline
-from titan.archs import EffNetB3FPNCBAM, MobileNetV2Body
+from titan.train import finetune, pipeline
+from titan.models.archs import EffNetB3FPNCBAM, MobileNetV2Body
+from titan.runlog import RunLog
 from titan.checkpoints import load_file, read_meta
-from titan.convnextv2 import ConvNeXtV2
-from titan.ensemble import find_folds, load_fold
-from titan.fallback import SafeConfig, safe_inference
-from titan.gradcam import signed_cam
-from titan.pseudo import DiamondConfig, make_diamonds
+from titan.models.convnextv2 import ConvNeXtV2
+from titan.infer.folds import find_fold_files, load_fold
+from titan.infer.safe import SafeConfig, safe_inference
+from titan.report.gradcam import signed_cam
+from titan.infer.diamonds import DiamondConfig, make_diamonds
 
 BODY = {"titan-atto": ConvNeXtV2, "mobilenetv2": MobileNetV2Body, "effnet-b3-fpn-cbam": EffNetB3FPNCBAM}
 
@@ -43,32 +44,32 @@ def runs(data: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("arch", list(BODY))
 def test_each_arch_trains_its_folds_and_writes_a_submission(runs, data, arch):
     out = runs[arch]
-    log = (out / pipeline.LOG_TXT).read_text()
+    log = (out / "training_v42_log.txt").read_text()
     assert "Fold 0 Ep 1 | Loss:" in log and "Fold 1 Ep 1 | Loss:" in log
-    sub = pd.read_csv(out / pipeline.SUBMISSION_CSV, dtype={"Id": str})
+    sub = pd.read_csv(out / "submission_v42.csv", dtype={"Id": str})
     assert sorted(sub.Id) == ["100", "101", "102", "103"] and set(sub.target_feature) <= {0, 1}
     for k in range(2):
         meta = load_file(out / f"v42_meta_fold{k}.pth")
         assert meta["arch"] == arch and meta["complete"]
         assert read_meta(out / f"v42_backbone_fold{k}.pth")["arch"] == arch
     if arch.startswith("titan-"):
-        assert (out / pipeline.SSL_WEIGHTS).is_file() and "SSL Ep 1" in log
+        assert (out / "titan_v42_ssl.pth").is_file() and "SSL Ep 1" in log
     else:  # baselines skip SimMIM with a notice and start from scratch without --init-weights
-        assert not (out / pipeline.SSL_WEIGHTS).exists() and "SSL Ep" not in log
+        assert not (out / "titan_v42_ssl.pth").exists() and "SSL Ep" not in log
         assert f"NOTICE: {arch} takes no SimMIM pretraining" in log and "random initialisation" in log
 
 
 @pytest.mark.parametrize("arch", list(BODY))
 def test_load_fold_rebuilds_the_trained_arch_with_its_weights(runs, arch):
-    (k, b, h, m), _ = find_folds(runs[arch], "v42")
-    fold = load_fold(b, h, m)
+    f, _ = find_fold_files(runs[arch], "v42")
+    fold = load_fold(f)
     assert isinstance(fold.model.backbone, BODY[arch]) and fold.meta["arch"] == arch
-    trained = load_file(b)["model"]
+    trained = load_file(f.backbone)["model"]
     own = fold.model.backbone.state_dict()
     assert all(torch.equal(own[key], v) for key, v in trained.items())
     # The ensemble's per-fold probabilities are this model's outputs.
-    preds = pd.read_csv(runs[arch] / pipeline.PREDICTIONS_CSV, dtype={"Id": str})
-    assert preds[f"fold{k}"].between(0, 1).all()
+    preds = pd.read_csv(runs[arch] / "predictions_v42.csv", dtype={"Id": str})
+    assert preds[f.name].between(0, 1).all()
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv2", "effnet-b3-fpn-cbam"])
@@ -84,23 +85,23 @@ def test_make_diamonds_and_safe_inference_serve_baseline_folds(runs, data, arch,
 
 
 def test_gradcam_refuses_a_baseline_fold_by_name(runs):
-    (_, b, h, m), _ = find_folds(runs["mobilenetv2"], "v42")
+    f, _ = find_fold_files(runs["mobilenetv2"], "v42")
     with pytest.raises(ValueError, match="TitanNet .* only; .* MobileNetV2Body"):
-        signed_cam(load_fold(b, h, m).model, torch.rand(1, 3, 64, 64))
+        signed_cam(load_fold(f).model, torch.rand(1, 3, 64, 64))
 
 
 def test_finished_folds_of_another_arch_are_not_reused(runs, data):
     cfg = cfg_for(data, "mobilenetv2", arch="effnet-b3-fpn-cbam", n_folds=2, ft_epochs=1)
     with pytest.raises(ValueError, match=r"'arch': \('mobilenetv2', 'effnet-b3-fpn-cbam'\)"):
-        pipeline.run_finetune(cfg)
+        finetune.run_finetune(cfg)
 
 
 def test_arch_following_variant_equals_the_titan_name(runs, data):
     """arch "" + variant atto is titan-atto: the finished folds are reused, not refused."""
     cfg = cfg_for(data, "titan-atto", arch="", variant="atto", n_folds=2, ft_epochs=1)
-    summary = pipeline.run_finetune(cfg)
+    summary = finetune.run_finetune(cfg)
     assert [f["fold"] for f in summary["folds"]] == [0, 1]
-    assert "Fold 0 already complete; skipping" in (data / "titan-atto" / pipeline.LOG_TXT).read_text()
+    assert "Fold 0 already complete; skipping" in (data / "titan-atto" / "training_v42_log.txt").read_text()
 
 
 def test_init_weights_loads_a_local_imagenet_checkpoint(data, tmp_path):
@@ -109,7 +110,7 @@ def test_init_weights_loads_a_local_imagenet_checkpoint(data, tmp_path):
     ref = models.mobilenet_v2(weights=None)
     torch.save(ref.state_dict(), tmp_path / "mnv2_imagenet.pth")
     cfg = cfg_for(data, "init", arch="mobilenetv2", init_weights=str(tmp_path / "mnv2_imagenet.pth"), n_folds=2)
-    model = pipeline.build_classifier(cfg, tmp_path / "no_ssl.pth", pipeline.RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl"), None)
+    model = finetune.build_classifier(cfg, tmp_path / "no_ssl.pth", RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl"), None)
     assert torch.equal(model.backbone.features[0][0].weight, ref.features[0][0].weight)
     assert "ImageNet features from" in (tmp_path / "l.txt").read_text()
 
@@ -121,11 +122,11 @@ def test_titan_init_weights_win_over_an_existing_ssl_file_and_baselines_get_no_s
     init, ssl = build_backbone("atto"), build_backbone("atto")
     save_checkpoint(init, tmp_path / "init.pth")
     save_checkpoint(ssl, tmp_path / "titan_v42_ssl.pth")
-    log = pipeline.RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl")
+    log = RunLog(tmp_path / "l.txt", tmp_path / "l.jsonl")
     cfg = cfg_for(data, "init_t", variant="atto", init_weights=str(tmp_path / "init.pth"), stem="highpass")
-    model = pipeline.build_classifier(cfg, tmp_path / "titan_v42_ssl.pth", log, None)
+    model = finetune.build_classifier(cfg, tmp_path / "titan_v42_ssl.pth", log, None)
     assert torch.equal(model.backbone.downsamples[0][0].weight, init.downsamples[0][0].weight)
     cfg = cfg_for(data, "base", arch="mobilenetv2", stem="highpass")
-    pipeline.build_classifier(cfg, tmp_path / "titan_v42_ssl.pth", log, None)
+    finetune.build_classifier(cfg, tmp_path / "titan_v42_ssl.pth", log, None)
     text = (tmp_path / "l.txt").read_text()
     assert "--stem highpass applies to TitanNet only" in text and "not found" not in text

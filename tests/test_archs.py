@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from titan.archs import EffNetB3FPNCBAM, build_arch_backbone, load_imagenet_weights, parse_arch
-from titan.cbam import CBAM
-from titan.heads import build_head
+from titan.models.archs import EffNetB3FPNCBAM, build_arch_backbone, load_imagenet_weights, parse_arch
+from titan.models.cbam import CBAM
+from titan.models.heads import build_head
 
 
 @pytest.mark.parametrize("arch", ["titan-atto", "titan-v38", "mobilenetv2", "effnet-b3-fpn-cbam"])
@@ -25,7 +25,8 @@ def test_cbam_keeps_shape_and_attention_maps_lie_in_unit_interval():
     x = torch.randn(3, 32, 10, 12) * 5
     y = cbam(x)
     assert y.shape == x.shape
-    mc, ms = cbam.last_maps
+    mc = cbam.channel(x)
+    ms = cbam.spatial(x * mc)
     assert mc.shape == (3, 32, 1, 1) and ms.shape == (3, 1, 10, 12)
     for m in (mc, ms):
         assert (m >= 0).all() and (m <= 1).all()

@@ -10,7 +10,7 @@ import pytest
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from test_train_pipeline import make_faces
-from titan.metrics import report
+from titan.metrics import binary_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -93,7 +93,7 @@ def test_help_lists_every_flag_with_default(capsys):
 
 
 def test_raw_images_link_follows_the_data_given(readme_layout, tmp_path):
-    from titan.study import find_data
+    from titan.train.study import find_data
 
     other = tmp_path / "other"
     shutil.copytree(readme_layout / "data", other / "data")

@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from titan.data import FaceDataset, ImageDecodeError, ImageIndex, LabelCSVError, decode_image, read_labels
+from titan.data.datasets import FaceDataset
+from titan.data.images import ImageDecodeError, ImageIndex, decode_image
+from titan.data.labels import LabelCSVError, read_labels
 
 
 def write(tmp_path, text, name="labels.csv"):

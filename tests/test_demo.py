@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from titan import demo
-from titan.data import decode_image, read_labels
+from titan.demo import dataset as demo
+from titan.data.images import decode_image
+from titan.data.labels import read_labels
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from titan import demo, demo_run
+from titan.demo import dataset as demo, run as demo_run
 
 STUB = textwrap.dedent('''
     import json, os, sys

@@ -9,18 +9,19 @@ import torch
 import torch.nn as nn
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
-from titan import engine
-from titan.augment import augment_batch, build_augment
+from titan import device
+from titan.train import distributed, optim, state
+from titan.data.augment import augment_batch, build_augment
 from titan.checkpoints import load_file
-from titan.heads import build_head
-from titan.pipeline import Classifier
+from titan.models.heads import build_head
+from titan.models.classifier import Classifier
 
 
-def _stepper(model: nn.Module, accum: int = 1, max_bad: int = 3) -> engine.Stepper:
-    env = engine.DistEnv()
-    opt = engine.make_optimizer(model, 0.1, 0.0, env.device)
-    sched = engine.warmup_cosine(opt, 0, 10)
-    return engine.Stepper(model, opt, sched, engine.make_scaler(env.device, True), env, accum, max_bad)
+def _stepper(model: nn.Module, accum: int = 1, max_bad: int = 3) -> optim.Stepper:
+    env = distributed.DistEnv()
+    opt = optim.make_optimizer(model, 0.1, 0.0, env.device)
+    sched = optim.warmup_cosine(opt, 0, 10)
+    return optim.Stepper(model, opt, sched, device.make_scaler(env.device, True), env, accum, max_bad)
 
 
 def test_non_finite_loss_is_skipped_counted_and_stops_after_max_bad_steps_naming_the_step():
@@ -34,12 +35,12 @@ def test_non_finite_loss_is_skipped_counted_and_stops_after_max_bad_steps_naming
     assert not torch.equal(model.weight, w0) and st.bad_in_row == 0
     st.backward(model(torch.ones(1, 2)).sum() * float("inf"), "step C")
     st.backward(model(torch.ones(1, 2)).sum() * float("nan"), "step D")
-    with pytest.raises(engine.NonFiniteLossError, match="3 non-finite losses in a row, the last at step E"):
+    with pytest.raises(optim.NonFiniteLossError, match="3 non-finite losses in a row, the last at step E"):
         st.backward(model(torch.ones(1, 2)).sum() * float("nan"), "step E")
     assert st.bad_total == 4
 
 
-def test_accumulation_updates_every_n_micro_steps_and_flushes_the_rest():
+def test_accumulation_updates_every_n_micro_steps_and_the_epoch_end_applies_the_rest():
     model = nn.Linear(2, 1)
     st = _stepper(model, accum=3)
     w0 = model.weight.detach().clone()
@@ -50,14 +51,14 @@ def test_accumulation_updates_every_n_micro_steps_and_flushes_the_rest():
     w1 = model.weight.detach().clone()
     assert not torch.equal(w1, w0) and st.micro == 0 and st.scheduler.last_epoch == 1
     st.backward(model(torch.ones(1, 2)).sum(), "s3")
-    st.flush()  # epoch end: the partial window still updates
+    st.update()  # epoch end: the partial window still updates
     assert not torch.equal(model.weight, w1) and st.scheduler.last_epoch == 2
     assert not st.sync_next(False) and st.sync_next(True)
 
 
 def test_warmup_then_cosine_schedule():
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = engine.warmup_cosine(opt, warmup_steps=4, total_steps=14, min_ratio=0.01)
+    sched = optim.warmup_cosine(opt, warmup_steps=4, total_steps=14, min_ratio=0.01)
     lrs = []
     for _ in range(14):
         lrs.append(opt.param_groups[0]["lr"])
@@ -68,7 +69,7 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_no_weight_decay_on_norms_biases_and_grn():
-    opt = engine.make_optimizer(build_head("linear", 8), 1e-3, 0.05, torch.device("cpu"))
+    opt = optim.make_optimizer(build_head("linear", 8), 1e-3, 0.05, torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert [p.ndim for p in decay["params"]] == [2] and [p.ndim for p in no_decay["params"]] == [1]
@@ -76,39 +77,39 @@ def test_no_weight_decay_on_norms_biases_and_grn():
 
 def test_amp_is_off_on_cpu_and_the_scaler_only_runs_for_fp16():
     cpu = torch.device("cpu")
-    assert engine.amp_dtype(cpu, True) is None and not engine.make_scaler(cpu, True).is_enabled()
+    assert device.amp_dtype(cpu, True) is None and not device.make_scaler(cpu, True).is_enabled()
 
 
 def test_newest_complete_checkpoint_wins_and_a_corrupt_newer_one_is_reported(tmp_path):
     model = nn.Linear(2, 1)
     for ep in (1, 2, 3):
-        engine.save_train_state(tmp_path, "ssl", ep, keep=2, model=model.state_dict(), config={"a": 1})
-    assert [e for e, _ in engine.checkpoint_files(tmp_path, "ssl")] == [3, 2]  # pruned to the newest two
+        state.save_train_state(tmp_path, "ssl", ep, keep=2, model=model.state_dict(), config={"a": 1})
+    assert [e for e, _ in state.checkpoint_files(tmp_path, "ssl")] == [3, 2]  # pruned to the newest two
     (tmp_path / "ssl_ep3.pth").write_bytes(b"half a file")
     skipped = []
-    st = engine.load_latest_state(tmp_path, "ssl", skipped.append)
+    st = state.load_latest_state(tmp_path, "ssl", skipped.append)
     assert st["epoch"] == 2 and st["config"] == {"a": 1} and "ssl_ep3.pth" in skipped[0]
     assert isinstance(load_file(tmp_path / "ssl_ep2.pth")["rng"]["torch"], torch.Tensor)  # weights_only loads
-    engine.remove_train_states(tmp_path, "ssl")
-    assert engine.load_latest_state(tmp_path, "ssl") is None
+    state.remove_train_states(tmp_path, "ssl")
+    assert state.load_latest_state(tmp_path, "ssl") is None
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    engine.seed_everything(5)
-    engine.save_train_state(tmp_path, "s", 1, model={})
+    state.seed_everything(5)
+    state.save_train_state(tmp_path, "s", 1, model={})
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    engine.seed_everything(99)
-    engine.set_rng_state(load_file(tmp_path / "s_ep1.pth")["rng"])
+    state.seed_everything(99)
+    state.set_rng_state(load_file(tmp_path / "s_ep1.pth")["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
 def test_samplers_split_ranks_and_balance_classes():
-    a = engine.make_sampler(10, engine.DistEnv(rank=0, world_size=2), shuffle=True, seed=1)
-    b = engine.make_sampler(10, engine.DistEnv(rank=1, world_size=2), shuffle=True, seed=1)
+    a = distributed.make_sampler(10, distributed.DistEnv(rank=0, world_size=2), shuffle=True, seed=1)
+    b = distributed.make_sampler(10, distributed.DistEnv(rank=1, world_size=2), shuffle=True, seed=1)
     assert sorted(list(a) + list(b)) == list(range(10))
     w = np.where(np.arange(100) < 90, 1 / 90, 1 / 10)  # 90 negatives, 10 positives
-    s = engine.make_sampler(100, engine.DistEnv(), shuffle=True, seed=0, weights=w)
+    s = distributed.make_sampler(100, distributed.DistEnv(), shuffle=True, seed=0, weights=w)
     s.set_epoch(0)
     draws = np.array(list(s))
     assert len(draws) == 100 and 30 < (draws >= 90).sum() < 70
@@ -140,7 +141,7 @@ def test_blur_and_jpeg_probabilities_follow_the_config():
 
 
 def test_classifier_losses_reach_every_parameter_for_both_heads():
-    from titan.convnextv2 import build_backbone
+    from titan.models.convnextv2 import build_backbone
 
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0.0, 1.0, 1.0, 0.0])
     for kind in ("linear", "arcface"):

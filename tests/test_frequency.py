@@ -1,7 +1,7 @@
 """The 9-channel input transform gives the documented values."""
 import torch
 
-from titan.frequency import FrequencyInput
+from titan.models.frequency import FrequencyInput
 
 
 def test_srm_kernel_buffer_is_the_contract():

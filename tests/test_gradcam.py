@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from titan import build_backbone, build_head
-from titan.data import square_resize
-from titan.ensemble import FoldModel
-from titan.gradcam import gradcam, pick_examples
+from titan.data.images import square_resize
+from titan.models.classifier import FoldModel
+from titan.report.gradcam import gradcam, pick_examples
 
 from fake_run import real_photos
 

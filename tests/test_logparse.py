@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from titan.logparse import LogError, fold_table, load_run, load_runs
+from titan.report.logparse import LogError, fold_table, load_run, load_runs
 
 from fake_run import FIXTURES
 

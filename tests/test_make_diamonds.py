@@ -7,8 +7,9 @@ import torch
 import make_diamonds
 from fold_fixtures import SIZE, copy_files, grey_logit, grey_prob, v38_dir, write_images, write_v42_folds  # noqa: F401 (fixture)
 from titan import build_backbone, build_head
-from titan.ensemble import FoldModel, ensemble_probability, tta_logits
-from titan.pseudo import DiamondConfig, DiamondError, make_diamonds as run, select_diamonds
+from titan.models.classifier import FoldModel
+from titan.infer.tta import ensemble_probability, tta_logits
+from titan.infer.diamonds import DiamondConfig, DiamondError, make_diamonds as run, select_diamonds
 from titan.runlog import RunLog
 
 # grey level → P(fake) = sigmoid(20·(v/255 − 0.5)) under grey_logit: 255, 200 → > 0.995; 59, 0 → < 0.005;
@@ -65,7 +66,7 @@ def test_no_args_v38_arcface_folds_select_by_rule_and_keep_originals_first(v38_d
     assert np.allclose([scores[i] for i in GREYS], [grey_prob(v) for v in GREYS.values()], atol=1e-5)
     assert (tmp_path / "train_diamond_hist.png").stat().st_size > 1000
     log = (tmp_path / "train_diamond_log.txt").read_text()
-    assert "loaded 2 fold(s)" in log and "fold0 (atto/arcface)" in log
+    assert "loaded 2 fold(s)" in log and "[fold0, fold1] of titan-atto/arcface" in log
     assert "2 fake (p > 0.995) + 2 real (p < 0.005) = 4 of 7 test faces (57.1%)" in log
     assert "0.95-1.00" in log and "512 (no img_size" in log  # V38 files carry no metadata
 

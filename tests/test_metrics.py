@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from titan.metrics import average_precision, best_f1_threshold, report, roc_auc
+from titan.metrics import average_precision, best_f1_threshold, binary_metrics, roc_auc
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -13,7 +13,7 @@ def test_metrics_agree_with_sklearn(seed):
     p = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1).round(2)  # rounding makes ties
     assert roc_auc(y, p) == pytest.approx(skm.roc_auc_score(y, p))
     assert average_precision(y, p) == pytest.approx(skm.average_precision_score(y, p))
-    r = report(y, p, 0.5)
+    r = binary_metrics(y, p, 0.5)
     pred = (p >= 0.5).astype(int)
     assert r["f1"] == pytest.approx(skm.f1_score(y, pred))
     assert r["precision"] == pytest.approx(skm.precision_score(y, pred))

@@ -1,4 +1,4 @@
-"""The backbone and heads carry exactly the released checkpoint layout (DESIGN.md)."""
+"""The backbone and heads carry exactly the released checkpoint layout (docs/checkpoints.md)."""
 import pytest
 import torch
 
@@ -6,7 +6,7 @@ from titan import build_backbone, build_head
 
 
 def contract_backbone(depths, dims):
-    """Expected {key: shape}, written from the DESIGN contract, not from the model."""
+    """Expected {key: shape}, written from docs/checkpoints.md, not from the model."""
     k = {"preproc.srm_kernel": (3, 1, 3, 3),
          "downsamples.0.0.weight": (dims[0], 9, 4, 4), "downsamples.0.0.bias": (dims[0],),
          "downsamples.0.1.norm.weight": (dims[0],), "downsamples.0.1.norm.bias": (dims[0],)}
@@ -51,7 +51,7 @@ def test_linear_head_keys_and_probability():
     assert isinstance(head.head[0], torch.nn.Dropout) and head.head[0].p == 0.25
     f = torch.randn(4, 768)
     expected = torch.sigmoid(f @ head.head[1].weight.T + head.head[1].bias).squeeze(1)
-    assert torch.allclose(head.predict_proba(f), expected, atol=1e-6)
+    assert torch.allclose(torch.sigmoid(head(f)), expected, atol=1e-6)
 
 
 def test_arcface_head_keys_and_probability():
@@ -62,7 +62,7 @@ def test_arcface_head_keys_and_probability():
     ln = torch.nn.functional.layer_norm(f, (768,))
     cos = torch.nn.functional.normalize(ln) @ torch.nn.functional.normalize(head.weight).T
     expected = torch.softmax(30 * cos, dim=1)[:, 1]
-    assert torch.allclose(head.predict_proba(f), expected, atol=1e-5)
+    assert torch.allclose(torch.sigmoid(head(f)), expected, atol=1e-5)  # one logit: s·(cos₁ − cos₀)
     # The single logit is the same decision: sigmoid(logit) == softmax class 1.
     assert torch.allclose(torch.sigmoid(head(f)), expected, atol=1e-5)
 
@@ -108,7 +108,7 @@ def test_highpass_stem_ignores_flat_patches_and_keeps_the_release_layout():
 
 
 def test_highpass_stem_stays_zero_sum_while_training_and_projects_loaded_weights():
-    from titan.convnextv2 import keep_stem_highpass
+    from titan.models.convnextv2 import keep_stem_highpass
     m, head = build_backbone("atto"), build_head("linear", 320)
     w0 = m.downsamples[0][0].weight.detach().clone()  # standard init, e.g. loaded SSL weights
     opt = torch.optim.AdamW(list(m.parameters()) + list(head.parameters()), lr=1e-2)

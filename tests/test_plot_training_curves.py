@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import plot_training_curves
-from titan.logparse import load_run
+from titan.report.logparse import load_run
 from titan.metrics import average_precision, best_f1_threshold, roc_auc
-from titan.plots import PLOTS, f1_curve, roc_points
+from titan.report.plots import PLOTS, f1_curve, roc_points
 
 from fake_run import FIXTURES, make_fake_run
 
@@ -87,7 +87,7 @@ def test_help_lists_every_flag_with_its_default():
                          text=True, check=True, cwd=ROOT).stdout
     entries = {e.split()[0]: " ".join(e.split()) for e in re.split(r"\n  (?=-)", out.split("options:", 1)[1]) if e.strip()}
     for flag, default in [("--out", "plots"), ("--prefix", "v42"), ("--explain", "0"), ("--weights-dir", "."),
-                          ("--test-dir", "data/faces_512/test"), ("--img-size", "None"), ("--device", "cpu")]:
+                          ("--test-dir", "data/faces_512/test"), ("--img-size", "0"), ("--device", "cpu")]:
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
 
 

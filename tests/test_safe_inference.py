@@ -7,11 +7,12 @@ import torch
 
 import safe_inference
 import titan
-import titan.scoring
+import titan.infer.resilient
 from fold_fixtures import SIZE, copy_files, write_images, write_v42_folds
-from titan.data import square_resize
-from titan.ensemble import FoldModel, ensemble_probability, tta_logits
-from titan.fallback import SafeConfig, SafeInferenceError, prior_decision, recrop, safe_inference as run
+from titan.data.images import square_resize
+from titan.models.classifier import FoldModel
+from titan.infer.tta import ensemble_probability, tta_logits
+from titan.infer.safe import SafeConfig, SafeInferenceError, prior_decision, recrop, safe_inference as run
 
 GREYS = {"s_a": 20, "s_b": 90, "s_c": 160, "s_d": 230, "s_e": 120, "s_f": 60}
 
@@ -103,9 +104,9 @@ def test_simulated_oom_retries_with_half_the_batch(folder, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("fault", ["raises", "nan"])
 def test_fold_failing_at_inference_is_left_out(folder, prepared, tmp_path, monkeypatch, fault):
-    import titan.foldset
+    import titan.infer.folds
 
-    real_load = titan.foldset.load_fold
+    real_load = titan.infer.folds.load_fold
 
     def load(backbone, *a, **kw):
         fold = real_load(backbone, *a, **kw)
@@ -116,7 +117,7 @@ def test_fold_failing_at_inference_is_left_out(folder, prepared, tmp_path, monke
                 fold.model.forward = lambda x: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
         return fold
 
-    monkeypatch.setattr(titan.foldset, "load_fold", load)
+    monkeypatch.setattr(titan.infer.folds, "load_fold", load)
     s = run(cfg(tmp_path))
     assert s.folds_used == ["fold1"] and s.threshold == pytest.approx(prepared[2][1])
     sub = pd.read_csv(s.out, dtype={"Id": str})
@@ -128,7 +129,7 @@ def test_fold_failing_at_inference_is_left_out(folder, prepared, tmp_path, monke
 
 def test_unusable_cuda_continues_on_cpu(folder, tmp_path, monkeypatch):
     # Pretend CUDA is present: moving the models there fails on this machine, as a broken driver would.
-    monkeypatch.setattr(titan.scoring, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(titan.infer.resilient, "resolve_device", lambda name: torch.device("cuda"))
     s = run(cfg(tmp_path, device="cuda"))
     assert s.device == "cpu" and s.n_rows == len(GREYS)
     assert any(d.startswith("device: could not use cuda") for d in s.degraded)
@@ -164,7 +165,7 @@ def test_recrop_is_align_faces_crop_of_the_original(tmp_path):
     from PIL import Image
     from skimage import data as skdata
 
-    from titan.faces import FaceDetector, face_crop
+    from titan.data.faces import FaceDetector, face_crop
 
     canvas = np.full((260, 320, 3), 90, np.uint8)
     canvas[30:230, 80:280] = cv2.resize(skdata.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
@@ -191,7 +192,7 @@ def test_help_lists_every_flag_with_default(capsys):
 
 def test_cuda_dying_mid_run_finishes_on_cpu_copies():
     from titan import build_backbone, build_head
-    from titan.scoring import ResilientPredictor
+    from titan.infer.resilient import ResilientPredictor
 
     models = [FoldModel(build_backbone("atto"), build_head("linear", 320)).eval() for _ in range(2)]
     x = torch.randint(0, 255, (3, 3, SIZE, SIZE), dtype=torch.uint8)

@@ -2,7 +2,7 @@
 import torch
 
 from titan import build_backbone
-from titan.simmim import SimMIM, random_patch_mask
+from titan.models.simmim import SimMIM, random_patch_mask
 
 
 def test_mask_ratio_is_exact_per_image():
@@ -45,3 +45,32 @@ def test_simmim_loss_falls_when_overfitting_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_simmim_owns_the_mask_token_and_the_backbone_knows_no_masking():
+    import inspect
+
+    from titan.models.convnextv2 import ConvNeXtV2
+
+    enc = build_backbone("atto")
+    assert list(inspect.signature(ConvNeXtV2.forward_maps).parameters) == ["self", "x9"]
+    assert not any("mask" in k for k in enc.state_dict())
+    m = SimMIM(enc, patch_size=32)
+    assert m.mask_token.shape == (1, enc.dims[0], 1, 1)
+    x9 = enc.preproc(torch.rand(2, 3, 64, 64))
+    # No patch masked: the masked forward is the backbone's own.
+    assert torch.allclose(m.masked_maps(x9, torch.zeros(2, 1, 16, 16)), enc.forward_maps(x9), atol=1e-5)
+
+
+def test_ssl_state_written_before_masking_moved_to_simmim_still_loads_strictly():
+    # The key layout today's (and the earlier) SimMIM training states hold: encoder.*, mask_token, decoder.0.*.
+    enc = build_backbone("atto")
+    old_keys = {f"encoder.{k}" for k in enc.state_dict()} | {"mask_token", "decoder.0.weight", "decoder.0.bias"}
+    src = SimMIM(build_backbone("atto"), patch_size=32)
+    old_state = {k: v.clone() for k, v in src.state_dict().items()}
+    assert set(old_state) == old_keys
+    dst = SimMIM(enc, patch_size=32)
+    dst.load_state_dict(old_state)  # strict
+    assert torch.equal(dst.mask_token, src.mask_token)
+    # The SSL weights file is the encoder alone: it loads into a plain backbone for fine-tuning.
+    build_backbone("atto").load_state_dict({k[len("encoder."):]: v for k, v in old_state.items() if k.startswith("encoder.")})

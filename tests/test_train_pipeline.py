@@ -15,10 +15,14 @@ import torch
 from PIL import Image
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
-from titan import engine, pipeline
+from titan import device
+from titan.data import labels
+from titan.models import classifier
+from titan.train import distributed, finetune, optim, pipeline, session, ssl, state
+from titan.runlog import RunLog
 from titan.checkpoints import load_file, load_state_dict
 from titan.config import make_config
-from titan.data import LabelCSVError
+from titan.data.labels import LabelCSVError
 from titan.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +125,7 @@ def test_submission_has_every_test_id_once_in_id_order(tiny_run: Path, data: Pat
     assert pred.Id.tolist() == sub.Id.tolist() and {"prob", "fold0", "fold1"} <= set(pred.columns)
     th = json.loads((tiny_run / "metrics_v42.json").read_text())["oof"]["threshold"]
     assert (sub.target_feature == (pred.prob >= th).astype(int)).all()
-    assert pipeline.id_order(["10", "9", "100"]) == ["9", "10", "100"]
+    assert labels.id_order(["10", "9", "100"]) == ["9", "10", "100"]
 
 
 def test_folds_never_validate_on_pseudo_rows(tiny_run: Path, data: Path):
@@ -132,13 +136,13 @@ def test_folds_never_validate_on_pseudo_rows(tiny_run: Path, data: Path):
     assert list(oof.columns) == ["Id", "target_feature", "prob", "fold"]
     df = pd.DataFrame({"Id": [str(i) for i in range(30)], "target_feature": [i % 2 for i in range(30)],
                        "is_pseudo": [i >= 20 for i in range(30)]})
-    folds = pipeline.assign_folds(df, 5, seed=1)
+    folds = finetune.assign_folds(df, 5, seed=1)
     assert (folds[20:] == -1).all() and sorted(set(folds[:20])) == [0, 1, 2, 3, 4]
     for k in range(5):  # stratified: two fakes and two reals per fold
         assert sorted(df.target_feature[folds == k]) == [0, 0, 1, 1]
-    assert (pipeline.assign_folds(df, 5, seed=1) == folds).all()
+    assert (finetune.assign_folds(df, 5, seed=1) == folds).all()
     with pytest.raises(ValueError, match="stratified folds"):
-        pipeline.assign_folds(df.iloc[:6], 5, seed=1)
+        finetune.assign_folds(df.iloc[:6], 5, seed=1)
 
 
 def test_rerun_skips_finished_stages_and_folds(tiny_run: Path, data: Path):
@@ -160,7 +164,7 @@ def test_gpu_decode_path_predicts_like_cpu_decoding(tiny_run: Path, data: Path):
 
 
 def test_device_decoding_matches_cpu_decoding_and_replaces_a_corrupt_jpeg(data: Path, tmp_path: Path, caplog):
-    from titan.data import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
+    from titan.data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
 
     folder = data / "faces" / "train"
     enc = EncodedFaceDataset(["0", "1", "2"], folder, 32)
@@ -181,7 +185,7 @@ class Killed(RuntimeError):
 
 def kill_after(monkeypatch, n_steps: int) -> None:
     """Make the n-th optimiser micro-step raise, as a crash mid-epoch would."""
-    real, calls = engine.Stepper.backward, {"n": 0}
+    real, calls = optim.Stepper.backward, {"n": 0}
 
     def backward(self, loss, where, synced=True):
         calls["n"] += 1
@@ -189,7 +193,7 @@ def kill_after(monkeypatch, n_steps: int) -> None:
             raise Killed(f"killed at {where}")
         return real(self, loss, where, synced)
 
-    monkeypatch.setattr(engine.Stepper, "backward", backward)
+    monkeypatch.setattr(optim.Stepper, "backward", backward)
 
 
 def test_ssl_resumes_after_a_kill_and_matches_an_uninterrupted_run(data: Path, monkeypatch):
@@ -251,7 +255,7 @@ def test_zero_ssl_epochs_skips_simmim_and_fine_tunes_from_scratch(data: Path):
 
 
 def test_non_finite_ssl_loss_is_skipped_and_counted_then_stops_the_run_naming_the_step(data: Path, monkeypatch):
-    from titan.simmim import SimMIM
+    from titan.models.simmim import SimMIM
 
     real, calls = SimMIM.forward, {"n": 0}
 
@@ -270,7 +274,7 @@ def test_non_finite_ssl_loss_is_skipped_and_counted_then_stops_the_run_naming_th
     assert ep[0]["bad_steps"] == 1 and np.isfinite(ep[0]["loss"])
     calls["n"] = 0
     monkeypatch.setattr(SimMIM, "forward", nan_on({2, 3}))
-    with pytest.raises(engine.NonFiniteLossError, match="2 non-finite losses in a row, the last at SSL epoch 1 step 3"):
+    with pytest.raises(optim.NonFiniteLossError, match="2 non-finite losses in a row, the last at SSL epoch 1 step 3"):
         pipeline.run_stages(cfg_for(data, "nan_twice", **over), ["ssl"])
 
 
@@ -280,8 +284,8 @@ def test_missing_faces_are_an_error_listing_them_unless_skipped(tmp_path: Path):
     (root / "faces" / "test" / "101.jpg").unlink()
     with pytest.raises(LabelCSVError, match=r"2 Id\(s\) have no face image: '3' \(line 5.*'101'.*--skip-missing"):
         pipeline.run_stages(cfg_for(root, "out"), ["finetune"])
-    log = pipeline.RunLog(None)
-    df = pipeline.load_labels(cfg_for(root, "out", skip_missing=True), log)
+    log = RunLog(None)
+    df = finetune.load_labels(cfg_for(root, "out", skip_missing=True), log)
     assert "3" not in set(df.Id) and "101" not in set(df.Id) and len(df) == 12
 
 
@@ -291,9 +295,9 @@ def test_missing_train_csv_falls_back_with_a_notice(tmp_path: Path):
     (root / "train_diamond.csv").rename(fallback)
     cfg = cfg_for(root, "out", fallback_csv=str(fallback))
     messages = []
-    log = pipeline.RunLog(None)
+    log = RunLog(None)
     log.info = messages.append
-    assert len(pipeline.load_labels(cfg, log)) == 10
+    assert len(finetune.load_labels(cfg, log)) == 10
     assert any("not found (no diamonds yet)" in m and str(fallback) in m for m in messages)
 
 

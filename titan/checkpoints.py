@@ -46,6 +46,14 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def atomic_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically (numpy scalars as floats)."""
+    import json
+
+    text = json.dumps(obj, indent=2, default=float)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save through a temp file + os.replace."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,17 +1,16 @@
-"""Typed configs with the README defaults, named presets, and strict overrides.
+"""Typed configs with the README defaults, named presets, strict overrides, and the one CLI convention.
 
-One source of truth: scripts expose every field as ``--field value`` (and ``--set field=value``),
-unknown or mistyped overrides are errors, and ``asdict`` gives plain types for checkpoints.
+One source of truth: every script's flags come from a dataclass of its own through
+``add_config_args`` (type, default and help in one place: a field's ``option(...)`` metadata),
+unknown or mistyped values are errors, and ``asdict`` gives plain types for checkpoints.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, get_type_hints
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 @dataclass
@@ -70,6 +69,7 @@ class TrainConfig:
     keep_checkpoints: int = 2      # newest epoch states kept per stage/fold
     threads: int = 0               # CPU intra-op threads (0 = torch's default)
     init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
+    force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -90,7 +90,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def option(default: Any = MISSING, help: str = "", *, flag: str = "", switch: bool | None = None,
+           choices: tuple | None = None, positional: bool = False, default_factory: Any = MISSING):
+    """A dataclass field with its command-line form: ``help``; ``flag`` (default ``--field-name``);
+    ``switch=True/False`` makes a bare flag that sets that value (``--overwrite``, ``--no-amp``);
+    ``choices``; ``positional`` for a list of positional arguments."""
+    meta = {"help": help, "flag": flag, "switch": switch, "choices": choices, "positional": positional}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def _coerce(name: str, typ: Any, value: Any) -> Any:
+    if get_origin(typ) is list:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [_coerce(name, get_args(typ)[0], v) for v in items]
     if isinstance(value, str):
         if typ is bool:
             v = value.strip().lower()
@@ -119,7 +135,14 @@ def apply_overrides(cfg, overrides: dict[str, Any]):
             close = [f for f in hints if k.replace("-", "_") == f or k in f]
             raise ValueError(f"unknown config field {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         out[k] = _coerce(k, hints[k], v)
+        choices = _field(cfg, k).metadata.get("choices")
+        if choices and out[k] not in choices:
+            raise ValueError(f"config field {k!r}: {out[k]!r} is not one of {list(choices)}")
     return dataclasses.replace(cfg, **out)
+
+
+def _field(cfg, name: str):
+    return next(f for f in fields(cfg) if f.name == name)
 
 
 def make_config(cls=TrainConfig, preset: str = "default", overrides: dict[str, Any] | None = None, presets=PRESETS):
@@ -129,34 +152,51 @@ def make_config(cls=TrainConfig, preset: str = "default", overrides: dict[str, A
     return apply_overrides(cfg, overrides or {})
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, presets=PRESETS) -> None:
-    """Every field as ``--field`` (default shown is the default preset's), plus ``--preset`` and ``--set``."""
-    group = parser.add_argument_group("config (any field; applied over --preset)")
-    group.add_argument("--preset", default="default", choices=sorted(presets), help="named config (default: %(default)s)")
-    group.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field (repeatable)")
+def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, presets: dict | None = PRESETS,
+                    title: str = "") -> None:
+    """Every field of ``cls`` as a flag (see ``option``); with ``presets`` also ``--preset`` and ``--set``.
+
+    Flags default to None so that only what the user typed overrides the preset; help shows the
+    dataclass default."""
+    doc = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".") if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""
+    group = parser.add_argument_group(title or ("config (any field; applied over --preset)" if presets else doc or "flags"))
+    if presets:
+        group.add_argument("--preset", default="default", choices=sorted(presets), help="named config (default: %(default)s)")
+        group.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field (repeatable)")
     hints = get_type_hints(cls)
     for f in fields(cls):
-        typ = hints[f.name]
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
-                           metavar=typ.__name__.upper(), help=f"default: {f.default}")
+        meta, typ, default = f.metadata, hints[f.name], _default(f)
+        help_text = (meta.get("help") or "") + f" (default: {default})"
+        dest = f"cfg_{f.name}"
+        if meta.get("positional"):
+            group.add_argument(dest, nargs="*", default=None, metavar=f.name.upper(), help=help_text)
+        elif meta.get("switch") is not None:
+            group.add_argument(meta.get("flag") or f"--{f.name.replace('_', '-')}", dest=dest, action="store_const",
+                               const=meta["switch"], default=None, help=meta.get("help") or f.name)
+        else:
+            name = typ.__name__ if isinstance(typ, type) else "LIST"
+            group.add_argument(meta.get("flag") or f"--{f.name.replace('_', '-')}", dest=dest, default=None,
+                               metavar=name.upper(), choices=meta.get("choices"), help=help_text.strip())
 
 
-def config_from_args(args: argparse.Namespace, cls=TrainConfig, presets=PRESETS):
+def config_from_args(args: argparse.Namespace, cls=TrainConfig, presets: dict | None = PRESETS):
+    """The dataclass instance the parsed flags describe (over ``--preset`` when ``presets``)."""
     overrides: dict[str, Any] = {}
-    for item in args.set:
+    for item in (getattr(args, "set", None) or []) if presets else []:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v
     for f in fields(cls):
         v = getattr(args, f"cfg_{f.name}", None)
-        if v is not None:
+        if v is not None and not (f.metadata.get("positional") and v == []):
             overrides[f.name] = v
-    return make_config(cls, args.preset, overrides, presets)
+    if presets:
+        return make_config(cls, args.preset, overrides, presets)
+    return apply_overrides(cls(), overrides)
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
-    from .checkpoints import atomic_write
+    from .checkpoints import atomic_json
 
-    text = json.dumps(dataclasses.asdict(cfg), indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_json(dataclasses.asdict(cfg), path)

@@ -87,7 +87,7 @@ def average_precision(y_true, y_prob) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def report(y_true, y_prob, threshold: float | None = None) -> dict[str, float | int]:
+def binary_metrics(y_true, y_prob, threshold: float | None = None) -> dict[str, float | int]:
     """All headline metrics; ``threshold=None`` searches the best-F1 threshold."""
     y, p = _arrays(y_true, y_prob)
     if threshold is None:
@@ -102,7 +102,7 @@ def report(y_true, y_prob, threshold: float | None = None) -> dict[str, float | 
     }
 
 
-def format_report(r: dict) -> str:
+def format_metrics(r: dict) -> str:
     return (f"F1 {r['f1']:.4f} (th={r['threshold']:.3f}) | AUC {r['roc_auc']:.4f} | AP {r['ap']:.4f} | "
             f"P {r['precision']:.4f} R {r['recall']:.4f} | missed fakes {r['missed_fakes']}/{r['n_fakes']} | "
             f"TN {r['tn']} FP {r['fp']} FN {r['fn']} TP {r['tp']}")

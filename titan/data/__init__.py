@@ -1,0 +1,1 @@
+"""Data: the label-CSV contract and Ids, images, datasets, augmentation, faces and alignment."""

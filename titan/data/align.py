@@ -1,0 +1,349 @@
+"""The face-crop run: decode in loader workers, detect in size buckets, write crops from a pool.
+
+Per output folder a ``manifest.csv`` records every image (face / fallback / failed). Rows are
+appended under a file lock as images finish, so a killed run loses at most the images in flight
+and a re-run skips every image whose crop exists and whose row says it is done. At the end the
+manifest is rewritten atomically: one row per Id, sorted.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+import zlib
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..checkpoints import atomic_write
+from ..config import option
+from .images import ImageDecodeError, ImageIndex, decode_image
+from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
+from ..runlog import RunLog
+
+try:  # POSIX: shards of one folder append to the same manifest
+    import fcntl
+except ImportError:  # pragma: no cover - single process only
+    fcntl = None
+
+MANIFEST_COLUMNS = ["Id", "source", "status", "prob", "box_x1", "box_y1", "box_x2", "box_y2", "n_faces", "error"]
+STATUSES = ("face", "fallback", "failed")
+DONE = ("face", "fallback")
+
+
+@dataclass
+class AlignOptions:
+    """align_faces.py's flags."""
+
+    input: str = option("data/dataset", "dataset folder holding {split}_images/")
+    output: str = option("data/faces_512", "writes {split}/ under it")
+    splits: str = option("train,test", "comma-separated splits")
+    size: int = option(512, "output side in pixels")
+    margin: float = option(0.2, "crop side = larger box side × (1 + 2·margin)")
+    device: str = option("auto", "auto = CUDA if present, else cpu")
+    batch_size: int = option(0, "detection batch per size bucket; 0 = 32 on GPU, 8 on CPU")
+    workers: int = option(4, "image-decoding loader threads (0 = in the main thread)")
+    writers: int = option(2, "threads cropping and encoding outputs")
+    format: str = option("jpg", "output format", choices=("jpg", "png"))
+    quality: int = option(95, "JPEG quality")
+    shard: str = option("0/1", "I/N: process only shard I (0-based) of N, split by a hash of the Id")
+    overwrite: bool = option(False, "redo images already done", switch=True)
+    strict: bool = option(False, "exit 1 if any image failed", switch=True)
+    max_side: int = option(1024, "shrink larger images for detection only")
+    min_prob: float = option(0.9, "ignore faces the detector scores below this")
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    total: int = 0
+    skipped: int = 0
+    face: int = 0
+    fallback: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.face + self.fallback + self.failed
+
+    @property
+    def img_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' → (I, N) with 0 ≤ I < N."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4 (I counts from 0)") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need N ≥ 1 and 0 ≤ I < N (I counts from 0)")
+    return i, n
+
+
+def in_shard(image_id: str, shard: tuple[int, int]) -> bool:
+    """Stable across runs and machines (crc32 of the Id), so shards never overlap."""
+    i, n = shard
+    return zlib.crc32(image_id.encode("utf-8")) % n == i
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+class Manifest:
+    """Append-only CSV of per-image rows; the last row for an Id wins."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self) -> dict[str, dict[str, str]]:
+        """Id → row. Rows that do not parse (a line torn by a kill) are ignored."""
+        if not self.path.is_file():
+            return {}
+        rows: dict[str, dict[str, str]] = {}
+        with open(self.path, newline="", encoding="utf-8") as f:
+            for rec in csv.reader(f):
+                if len(rec) != len(MANIFEST_COLUMNS) or rec[0] == "Id" or rec[2] not in STATUSES:
+                    continue
+                rows[rec[0]] = dict(zip(MANIFEST_COLUMNS, rec))
+        return rows
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, MANIFEST_COLUMNS, lineterminator="\n")
+        for r in rows:
+            w.writerow(r)
+        with self._locked():
+            new = not self.path.is_file() or self.path.stat().st_size == 0
+            with open(self.path, "a+b") as f:
+                if not new:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a killed run tore the last line: end it first
+                        f.write(b"\n")
+                if new:
+                    f.write((",".join(MANIFEST_COLUMNS) + "\n").encode())
+                f.write(buf.getvalue().encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def compact(self) -> int:
+        """Rewrite atomically: one row per Id, sorted by Id. Returns the number of rows."""
+        with self._locked():
+            rows = self.read()
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.DictWriter(f, MANIFEST_COLUMNS, lineterminator="\n")
+                    w.writeheader()
+                    for k in sorted(rows):
+                        w.writerow(rows[k])
+
+            atomic_write(self.path, write)
+        return len(rows)
+
+
+def manifest_row(image_id: str, source: Path, status: str, det: Detection = NO_FACE, error: str = "") -> dict[str, Any]:
+    box = [f"{v:.1f}" for v in det.box] if det.box is not None else [""] * 4
+    return dict(zip(MANIFEST_COLUMNS, [image_id, str(source), status, "" if det.prob is None else f"{det.prob:.4f}",
+                                       *box, det.n_faces, " ".join(error.split())]))
+
+
+# --- decode (loader workers) and write (writer pool) ------------------------------------------
+
+def _decode(path: Path, max_side: int) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """(image, detection input, "") or (None, None, reason) — runs in a loader thread."""
+    try:
+        img = decode_image(path)
+    except ImageDecodeError as e:
+        return None, None, e.reason
+    return img, shrink_for_detection(img, max_side), ""
+
+
+def prefetch(fn: Callable[[Any], Any], items: list[Any], workers: int, depth: int) -> Iterator[tuple[int, Any]]:
+    """(k, fn(items[k])) in order, computed up to ``depth`` items ahead by ``workers`` threads.
+
+    Threads, not processes: PIL and OpenCV release the GIL while decoding and resizing, and a
+    forked worker can deadlock in OpenCV's thread pool once the parent has used it.
+    """
+    if workers <= 0:
+        yield from ((k, fn(x)) for k, x in enumerate(items))
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for k in range(len(items)):
+                while len(ahead) < depth and k + len(ahead) < len(items):
+                    ahead.append(pool.submit(fn, items[k + len(ahead)]))
+                yield k, ahead.popleft().result()
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
+def encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, buf = cv2.imencode(f".{fmt}", bgr, params)
+    if not ok:
+        raise OSError(f"OpenCV could not encode a {img.shape} image as {fmt}")
+    return buf.tobytes()
+
+
+def _write_crop(img: np.ndarray, det: Detection, out_path: Path, opts: AlignOptions) -> str:
+    crop, status = face_crop(img, det, opts.size, opts.margin)
+    data = encode_image(crop, opts.format, opts.quality)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(out_path, write)
+    return status
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def plan_split(index: ImageIndex, out_dir: Path, opts: AlignOptions) -> tuple[list[str], list[str]]:
+    """(Ids of this shard, Ids still to do): done = crop on disk and a face/fallback row."""
+    ids = [i for i in index.ids() if in_shard(i, parse_shard(opts.shard))]
+    if opts.overwrite:
+        return ids, ids
+    rows = Manifest(out_dir / "manifest.csv").read()
+    todo = [i for i in ids if not (rows.get(i, {}).get("status") in DONE and (out_dir / f"{i}.{opts.format}").is_file())]
+    return ids, todo
+
+
+def align_split(detector: FaceDetector, src_dir: Path, out_dir: Path, split: str, opts: AlignOptions, log: RunLog) -> SplitSummary:
+    index = ImageIndex(src_dir)
+    ids, todo = plan_split(index, out_dir, opts)
+    summary = SplitSummary(split, total=len(ids), skipped=len(ids) - len(todo))
+    log.info(f"{split}: {len(ids)} images in {src_dir} (shard {opts.shard}), {summary.skipped} already done, {len(todo)} to do → {out_dir}")
+    if not todo:
+        return summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out_dir / "manifest.csv")
+    paths = [index.path(i) for i in todo]
+    loader = prefetch(partial(_decode, max_side=detector.max_side), paths, opts.workers, depth=2 * detector.batch_size + 4)
+    bar = tqdm(total=len(todo), desc=f"align {split}", unit="img", dynamic_ncols=True)
+    max_pending = 4 * detector.batch_size
+    pending: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
+    futures: list[tuple[int, Detection, Future]] = []
+    t0 = time.perf_counter()
+
+    def record(rows: list[dict[str, Any]]) -> None:
+        manifest.append(rows)
+        for r in rows:
+            setattr(summary, r["status"], getattr(summary, r["status"]) + 1)
+        bar.update(len(rows))
+
+    def drain(block_until: int) -> None:
+        """Record finished writes, in order; wait until at most ``block_until`` are in flight."""
+        rows = []
+        while futures and (futures[0][2].done() or len(futures) > block_until):
+            k, det, fut = futures.pop(0)
+            rows.append(manifest_row(todo[k], paths[k], fut.result(), det))
+        record(rows)
+
+    def detect(items: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        dets = detect_or_fail(detector, items, log)
+        failed = []
+        for (k, img, _), det in zip(items, dets):
+            if isinstance(det, str):
+                failed.append(manifest_row(todo[k], paths[k], "failed", error=det))
+            else:
+                futures.append((k, det, pool.submit(_write_crop, img, det, out_dir / f"{todo[k]}.{opts.format}", opts)))
+        record(failed)
+        drain(block_until=2 * max_pending)
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.writers)) as pool:
+        try:
+            for k, (img, small, error) in loader:
+                if img is None:
+                    log.info(f"failed: {paths[k]}: {error}")
+                    record([manifest_row(todo[k], paths[k], "failed", error=error)])
+                    continue
+                bucket = pending[small.shape]
+                bucket.append((k, img, small))
+                if len(bucket) >= detector.batch_size:
+                    detect(pending.pop(small.shape))
+                elif sum(map(len, pending.values())) >= max_pending:  # many sizes: flush the fullest
+                    detect(pending.pop(max(pending, key=lambda s: len(pending[s]))))
+            for shape in list(pending):
+                detect(pending.pop(shape))
+            drain(block_until=0)
+        finally:
+            bar.close()
+    summary.seconds = time.perf_counter() - t0
+    manifest.compact()
+    return summary
+
+
+def detect_or_fail(detector: FaceDetector, items: list[tuple[int, np.ndarray, np.ndarray]], log: RunLog) -> list[Detection | str]:
+    """Detections for one bucket; if the batch raises, image by image, so one bad image fails alone."""
+    try:
+        return list(detector.detect([im for _, im, _ in items], [s for _, _, s in items]))
+    except Exception as e:  # noqa: BLE001 - retried below, then reported per image
+        if len(items) == 1:
+            log.info(f"detection failed on an image of shape {items[0][1].shape}: {type(e).__name__}: {e}")
+            return [f"detection failed: {type(e).__name__}: {e}"]
+    return [r for it in items for r in detect_or_fail(detector, [it], log)]
+
+
+def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummary]:
+    """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
+    from ..device import resolve_device
+
+    if opts.format not in ("jpg", "png"):
+        raise ValueError(f"--format {opts.format!r}: choose jpg or png")
+    if not 1 <= opts.quality <= 100:
+        raise ValueError(f"--quality {opts.quality}: must be 1–100")
+    if opts.size < 1 or opts.margin < 0:
+        raise ValueError(f"--size {opts.size} / --margin {opts.margin}: need size ≥ 1 and margin ≥ 0")
+    parse_shard(opts.shard)
+    splits = [s.strip() for s in opts.splits.split(",") if s.strip()]
+    sources = {s: Path(opts.input) / f"{s}_images" for s in splits}
+    missing = [str(p) for p in sources.values() if not p.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"input folder(s) not found: {', '.join(missing)}; check --input, or choose splits with --splits")
+    out_root = Path(opts.output)
+    log = log or RunLog(out_root / "align_faces_log.txt", out_root / "align_faces_log.jsonl")
+    device = resolve_device(opts.device)
+    detector = FaceDetector(device, opts.batch_size or None, max_side=opts.max_side, min_prob=opts.min_prob)
+    log.info(f"align_faces: device {device}, detection batch {detector.batch_size}, {opts.workers} loader workers, "
+             f"{opts.writers} writers, size {opts.size}, margin {opts.margin}")
+    log.record("align_config", **asdict(opts), resolved_device=str(device), resolved_batch_size=detector.batch_size)
+    summaries = []
+    for split in splits:
+        s = align_split(detector, sources[split], out_root / split, split, opts, log)
+        log.info(f"{split}: {s.face} face, {s.fallback} fallback, {s.failed} failed, {s.skipped} skipped "
+                 f"(already done) in {s.seconds:.1f}s — {s.img_s:.1f} images/s")
+        log.record("align_summary", **asdict(s), img_s=s.img_s)
+        summaries.append(s)
+    return summaries

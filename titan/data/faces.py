@@ -1,0 +1,155 @@
+"""Face detection (facenet-pytorch MTCNN) in size buckets, the square face crop, the centre fallback.
+
+MTCNN only batches images of equal size (a mixed batch raises), so ``FaceDetector`` groups
+images by size and runs one batch per group; nothing is ever centre-cropped because a batch
+failed. Boxes are in source pixels. The MTCNN weights ship inside the facenet-pytorch wheel.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .images import square_resize
+
+# When the caller leaves the batch size to us. CPU: measured with bench/align_bench.py on
+# 2 cores — equal-size batches of 8 beat image-by-image (README, "align_faces.py").
+AUTO_BATCH = {"cuda": 32, "cpu": 8}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The largest face in one image (``box`` None when there is none), in source pixels."""
+
+    box: tuple[float, float, float, float] | None
+    prob: float | None
+    n_faces: int
+
+
+NO_FACE = Detection(None, None, 0)
+
+
+class FaceDetector:
+    """MTCNN over lists of HxWx3 uint8 RGB images of any (mixed) sizes → one Detection each.
+
+    ``max_side`` shrinks larger images before detection (boxes are scaled back): the P-net
+    pyramid costs grow with pixel count, and faces worth cropping stay well above MTCNN's
+    20-pixel minimum. ``min_prob`` drops weak detections (MTCNN's last stage already keeps ≥0.7).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None,
+                 max_side: int = 1024, min_prob: float = 0.9, min_face_size: int = 20) -> None:
+        from facenet_pytorch import MTCNN
+
+        self.device = torch.device(device)
+        self.batch_size = batch_size or AUTO_BATCH.get(self.device.type, 8)
+        self.max_side, self.min_prob = max_side, min_prob
+        self.mtcnn = MTCNN(keep_all=True, select_largest=True, min_face_size=min_face_size, device=self.device).eval()
+
+    def detection_input(self, img: np.ndarray) -> np.ndarray:
+        return shrink_for_detection(img, self.max_side)
+
+    def detect(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray] | None = None) -> list[Detection]:
+        """Detect in every image; ``small`` = precomputed ``detection_input`` of each (optional)."""
+        small = list(small) if small is not None else [self.detection_input(im) for im in images]
+        buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, s in enumerate(small):
+            buckets[s.shape].append(i)
+        out: list[Detection | None] = [None] * len(images)
+        for idx in buckets.values():
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k:k + self.batch_size]
+                dets = self._detect_same_size([small[i] for i in chunk])
+                for i, d in zip(chunk, dets):
+                    out[i] = _rescale(d, images[i].shape, small[i].shape)
+        return out  # type: ignore[return-value]
+
+    def _detect_same_size(self, imgs: list[np.ndarray]) -> list[Detection]:
+        batch = np.stack(imgs) if len(imgs) > 1 else imgs[0][None]
+        boxes, probs = self.mtcnn.detect(batch)
+        return [largest_face(b, p, self.min_prob) for b, p in zip(boxes, probs)]
+
+
+def largest_face(boxes, probs, min_prob: float = 0.9) -> Detection:
+    """The largest of MTCNN's boxes for one image scoring ≥ min_prob (n_faces counts those)."""
+    if boxes is None:
+        return NO_FACE
+    boxes, probs = np.asarray(boxes, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    keep = probs >= min_prob
+    if not keep.any():
+        return NO_FACE
+    boxes, probs = boxes[keep], probs[keep]
+    k = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+    return Detection(tuple(float(v) for v in boxes[k]), float(probs[k]), int(len(boxes)))
+
+
+def shrink_for_detection(img: np.ndarray, max_side: int) -> np.ndarray:
+    """The (possibly shrunk) image MTCNN sees; its shape is the bucket key."""
+    h, w = img.shape[:2]
+    s = max_side / max(h, w)
+    if s >= 1.0:
+        return img
+    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def _rescale(d: Detection, full_shape: tuple[int, ...], small_shape: tuple[int, ...]) -> Detection:
+    if d.box is None or full_shape[:2] == small_shape[:2]:
+        return d
+    sy, sx = full_shape[0] / small_shape[0], full_shape[1] / small_shape[1]
+    x1, y1, x2, y2 = d.box
+    return Detection((x1 * sx, y1 * sy, x2 * sx, y2 * sy), d.prob, d.n_faces)
+
+
+def square_around(box: Sequence[float], width: int, height: int, margin: float = 0.2) -> tuple[int, int, int]:
+    """(x0, y0, side) of the square crop for a face box, in source pixels.
+
+    side = the box's larger side × (1 + 2·margin), centred on the box, shifted to stay inside
+    the image; only where the image is smaller than ``side`` does the square reach outside it
+    (centred on the face as far as the image allows), and that part is padded.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(1, int(round(max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin))))
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+
+    def place(c: float, extent: int) -> int:
+        lo, hi = min(0, extent - side), max(0, extent - side)
+        return int(min(max(round(c - side / 2.0), lo), hi))
+
+    return place(cx, width), place(cy, height), side
+
+
+def crop_square(img: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
+    """img[y0:y0+side, x0:x0+side], edge-replicated where the square leaves the image."""
+    h, w = img.shape[:2]
+    top, left = max(0, -y0), max(0, -x0)
+    bottom, right = max(0, y0 + side - h), max(0, x0 + side - w)
+    patch = img[max(0, y0):min(h, y0 + side), max(0, x0):min(w, x0 + side)]
+    if top or left or bottom or right:
+        # Replicated edges rather than black: a flat black band looks like a manipulation artefact.
+        patch = cv2.copyMakeBorder(patch, top, bottom, left, right, cv2.BORDER_REPLICATE)
+    return patch
+
+
+def face_crop(img: np.ndarray, det: Detection, size: int, margin: float = 0.2) -> tuple[np.ndarray, str]:
+    """(size×size crop, "face" | "fallback"): the square around the face, else the centre square."""
+    if det.box is None or not all(math.isfinite(v) for v in det.box):
+        return square_resize(img, size), "fallback"
+    x0, y0, side = square_around(det.box, img.shape[1], img.shape[0], margin)
+    return square_resize(crop_square(img, x0, y0, side), size), "face"
+
+
+_DETECTORS: dict[str, FaceDetector] = {}
+
+
+def crop_face(img: np.ndarray, size: int, margin: float = 0.2, device: str = "cpu") -> np.ndarray:
+    """One image → its size×size face crop exactly as align_faces.py makes it (centre square if
+    no face). The detector is built once per process and device, for occasional re-crops."""
+    if device not in _DETECTORS:
+        _DETECTORS[device] = FaceDetector(device)
+    det = _DETECTORS[device].detect([img])[0]
+    return face_crop(img, det, size, margin)[0]

@@ -1,0 +1,126 @@
+"""Images on disk: finding them by Id in a folder, and decoding any of them robustly.
+
+Decoding never returns a silent black image: an unreadable file raises ``ImageDecodeError``
+naming it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .labels import check_id
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageDecodeError(OSError):
+    """An image file could not be decoded; the message names the file and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: cannot read image — {reason}")
+
+
+# --- finding images ---------------------------------------------------------------------------
+
+class ImageIndex:
+    """Map Id → image path in one folder, any common extension (``.jpg`` preferred)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: image folder not found")
+        rank = {e: i for i, e in enumerate(IMAGE_EXTS)}
+        best: dict[str, tuple[int, Path]] = {}
+        with os.scandir(self.folder) as it:
+            for entry in it:
+                stem, ext = os.path.splitext(entry.name)
+                r = rank.get(ext.lower())
+                if r is None or stem.startswith(".") or not entry.is_file():
+                    continue
+                if stem not in best or r < best[stem][0]:
+                    best[stem] = (r, Path(entry.path))
+        self.paths = {k: v for k, (_, v) in best.items()}
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def ids(self) -> list[str]:
+        return sorted(self.paths)
+
+    def path(self, image_id: str) -> Path:
+        check_id(image_id)
+        try:
+            return self.paths[image_id]
+        except KeyError:
+            raise FileNotFoundError(f"no image for Id {image_id!r} in {self.folder} (tried {', '.join(IMAGE_EXTS)})") from None
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent areas become white, not black: black borders look like a (fake) artefact.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode any PIL-readable image → (H,W,3) uint8 RGB, EXIF orientation applied.
+
+    Decoding happens inside the try (``load()``), so a truncated file fails here, by name.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(path, "file is empty (0 bytes)")
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            arr = np.asarray(_to_rgb(img))
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image format PIL recognises") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageDecodeError(path, f"unexpected decoded shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def square_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Centre-square crop (no distortion) then resize to size×size (area filter when shrinking)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    if h != w:
+        s = min(h, w)
+        y0, x0 = (h - s) // 2, (w - s) // 2
+        img = img[y0:y0 + s, x0:x0 + s]
+    if img.shape[0] != size:
+        interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    return img
+
+
+def to_chw_uint8(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+

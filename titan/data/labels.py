@@ -1,0 +1,119 @@
+"""The label-CSV contract and everything about Ids: what a valid Id is, and the one Id order.
+
+Every CSV the project writes lists its rows in ``id_order``; every Id read from a CSV passes
+``check_id`` so it never reaches outside its folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("titan")
+
+ID_ALIASES = ("Id", "id", "ID", "image_id")
+LABEL_ALIASES = ("target_feature", "target", "label")
+
+
+class LabelCSVError(ValueError):
+    """The label CSV breaks the contract; the message names the row(s) and the fix."""
+
+
+# --- Ids -------------------------------------------------------------------------------------
+
+def check_id(image_id: str, where: str = "") -> str:
+    """Refuse Ids that could leave their folder (separators, '..', absolute, empty, NUL)."""
+    s = str(image_id)
+    bad = (not s.strip() or "/" in s or "\\" in s or s in (".", "..") or ".." in s.split(".")
+           or "\x00" in s or os.path.isabs(s) or (len(s) > 1 and s[1] == ":"))
+    if bad:
+        raise LabelCSVError(f"{where}Id {s!r} is not a plain file name (no path separators, '..' or drive); fix the CSV")
+    return s
+
+
+
+def id_order(ids: Sequence[str]) -> list[str]:
+    """The project's one Id order: numerically when every Id is a number (``9`` before ``10``),
+    else as strings. Every CSV keyed by Id (submission, predictions, diamonds) is written in it."""
+    ids = [str(i) for i in ids]
+    if ids and all(i.isdigit() for i in ids):
+        return sorted(ids, key=lambda s: (int(s), s))
+    return sorted(ids)
+
+
+# --- label CSV -------------------------------------------------------------------------------
+
+def _pick(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
+    return next((a for a in aliases if a in columns), None)
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes", "t", "1.0"):
+        return True
+    if s in ("false", "0", "no", "f", "", "nan", "0.0"):
+        return False
+    raise ValueError(v)
+
+
+def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None = None, allow_missing: bool = False) -> pd.DataFrame:
+    """Read and validate a label CSV → DataFrame[Id:str, target_feature:int, is_pseudo:bool].
+
+    Row numbers in errors are the CSV's line numbers (header = line 1). With ``image_dir`` every
+    Id must have an image there (``allow_missing`` drops those rows with a warning instead).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise LabelCSVError(f"{csv_path}: label CSV not found")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise LabelCSVError(f"{csv_path}: not a readable CSV ({e})") from None
+    id_col, y_col = _pick(df.columns, ID_ALIASES), _pick(df.columns, LABEL_ALIASES)
+    for col, aliases in ((id_col, ID_ALIASES), (y_col, LABEL_ALIASES)):
+        if col is None:
+            raise LabelCSVError(f"{csv_path}: missing column — need one of {list(aliases)}, found {list(df.columns)}")
+    line = lambda i: f"{csv_path} line {i + 2}: "  # noqa: E731
+    ids = [check_id(s.strip(), line(i)) for i, s in enumerate(df[id_col])]
+    labels = []
+    for i, v in enumerate(df[y_col]):
+        try:
+            f = float(v)
+            if f not in (0.0, 1.0):
+                raise ValueError
+        except ValueError:
+            raise LabelCSVError(f"{line(i)}label {v!r} for Id {ids[i]!r} is not 0 or 1 (1 = fake)") from None
+        labels.append(int(f))
+    pseudo = [False] * len(ids)
+    if "is_pseudo" in df.columns:
+        try:
+            pseudo = [_as_bool(v) for v in df["is_pseudo"]]
+        except ValueError as e:
+            raise LabelCSVError(f"{csv_path}: is_pseudo value {e} is not true/false") from None
+    out = pd.DataFrame({"Id": ids, "target_feature": labels, "is_pseudo": pseudo})
+    dup = out["Id"].duplicated(keep=False)
+    if dup.any():
+        rows = [f"{out.Id[i]!r} (line {i + 2})" for i in np.flatnonzero(dup)[:10]]
+        raise LabelCSVError(f"{csv_path}: duplicate Ids — {', '.join(rows)}; each image must appear once")
+    if image_dir is not None:
+        from .images import ImageIndex  # images.py imports check_id from here
+
+        index = ImageIndex(image_dir)
+        missing = [(i, s) for i, s in enumerate(out.Id) if s not in index]
+        if missing and not allow_missing:
+            shown = ", ".join(f"{s!r} (line {i + 2})" for i, s in missing[:10])
+            raise LabelCSVError(
+                f"{csv_path}: {len(missing)} Id(s) have no image in {image_dir}: {shown}"
+                + (" …" if len(missing) > 10 else "") + ". Run align_faces.py for them, or drop them (--skip-missing)."
+            )
+        if missing:
+            log.warning("dropping %d Id(s) with no image in %s: %s", len(missing), image_dir, [s for _, s in missing[:10]])
+            out = out[~out.Id.isin({s for _, s in missing})].reset_index(drop=True)
+    return out
+

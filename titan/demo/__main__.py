@@ -1,0 +1,4 @@
+"""``python -m titan.demo``: build the demo data set (see titan.demo.dataset)."""
+from .dataset import main
+
+main()

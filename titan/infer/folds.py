@@ -1,0 +1,284 @@
+"""A fold set: the one owner of fold files and of what a set of folds decides.
+
+Training's inference stage, make_diamonds.py, safe_inference.py, Grad-CAM, the plots and the
+report all ask here. The rules (also in the README, "Fold sets"):
+
+- **Files**: ``{prefix}_{backbone,head,meta}_fold{k}.pth`` in one folder (``titan.runfiles``),
+  or a backbone glob paired with a head glob. Each fold is read once; its metadata is the
+  backbone checkpoint's embedded ``meta`` overlaid by the meta file.
+- **Architecture, variant, head**: recorded in the metadata, else read off the weights (a
+  ConvNeXt V2 variant by its depths and widths, a head by its keys). Every fold must agree;
+  folds that do not are an error naming each file.
+- **Input size**: the folds' recorded ``img_size``; every fold that records one must agree
+  (else an error naming the files); none recorded → 512, said so. An explicit size that differs
+  is refused unless the caller forces it (``--force-img-size``), and then logged.
+- **Decision threshold** (``decision_threshold``): the out-of-fold best-F1 threshold recorded in
+  ``metrics_{prefix}.json`` (or the log's ``oof`` record), else the mean of the thresholds the
+  folds record (folds without one are left out), else the best-F1 threshold of the OOF
+  predictions ``oof_{prefix}.csv``, else 0.5.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
+from ..metrics import best_f1_threshold
+from ..models.archs import build_arch_backbone, parse_arch
+from ..models.classifier import FoldModel
+from ..models.convnextv2 import build_backbone, variant_of
+from ..models.heads import build_head, head_of
+from ..runfiles import RunFiles, fold_number
+
+DEFAULT_IMG_SIZE = 512
+
+
+class FoldSetError(CheckpointError):
+    """The fold files do not make one usable set; the message names the files and the fix."""
+
+
+@dataclass(frozen=True)
+class FoldFiles:
+    """The files of one fold; ``head`` is None when the backbone has no partner head file."""
+
+    backbone: Path
+    head: Path | None
+    meta: Path | None = None
+
+    @property
+    def name(self) -> str:
+        k = fold_number(self.backbone)
+        return f"fold{k}" if k is not None else self.backbone.stem
+
+
+def find_fold_files(folder: str | os.PathLike, prefix: str = "v42") -> list[FoldFiles]:
+    """Every ``{prefix}_backbone_fold{k}.pth`` in ``folder`` (ascending k), with its head and meta
+    when present; a backbone without a head is kept (head None) so callers can name it."""
+    files = RunFiles(Path(folder), prefix)
+    out = []
+    for k in files.fold_numbers():
+        head, meta = files.fold("head", k), files.fold("meta", k)
+        out.append(FoldFiles(files.fold("backbone", k), head if head.is_file() else None, meta if meta.is_file() else None))
+    return out
+
+
+def pair_globs(backbones: str, heads: str) -> list[FoldFiles]:
+    """Pair backbone and head files matched by two globs: by fold number in the names when every
+    file has one, else in sorted order. A meta file ``*meta*`` beside a backbone is picked up."""
+    bs = sorted(Path(p) for p in glob.glob(backbones))
+    hs = sorted(Path(p) for p in glob.glob(heads))
+    if all(fold_number(p) is not None for p in bs + hs):
+        by_k = {fold_number(h): h for h in hs}
+        pairs = [(b, by_k.get(fold_number(b))) for b in bs]
+    else:
+        pairs = [(b, hs[i] if i < len(hs) else None) for i, b in enumerate(bs)]
+    out = []
+    for b, h in pairs:
+        meta = b.with_name(b.name.replace("backbone", "meta"))
+        out.append(FoldFiles(b, h, meta if meta != b and meta.is_file() else None))
+    return out
+
+
+@dataclass
+class Fold:
+    name: str
+    model: FoldModel
+    files: FoldFiles
+    threshold: float | None = None
+    meta: dict = field(default_factory=dict)  # plain values; always has arch, variant, head
+
+
+def _plain(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
+
+
+def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = None, arch: str | None = None) -> Fold:
+    """Build one fold model from its files; arch, variant and head come from the files unless given."""
+    if files.head is None:
+        raise CheckpointError(f"no matching head file (expected {files.backbone.name.replace('backbone', 'head')})")
+    bobj = load_file(files.backbone)
+    bsd = unwrap_state_dict(bobj, str(files.backbone))
+    hsd = unwrap_state_dict(load_file(files.head), str(files.head))
+    meta = dict(bobj["meta"]) if isinstance(bobj, dict) and isinstance(bobj.get("meta"), dict) else {}
+    if files.meta is not None and files.meta.is_file():
+        obj = load_file(files.meta)
+        meta.update(obj if isinstance(obj, dict) else {})
+    arch = arch or meta.get("arch") or ""
+    head = head or head_of(hsd)
+    if arch and not parse_arch(arch).variant:  # a baseline: its layout is named, not inferred
+        backbone, variant = load_into(build_arch_backbone(arch), bsd), ""
+    else:
+        variant = variant or variant_of(bsd)  # the weights decide, not a name
+        backbone, arch = load_into(build_backbone(variant), bsd), f"titan-{variant}"
+    head_mod = load_into(build_head(head, backbone.num_features), hsd)
+    th = meta.get("th", meta.get("threshold"))
+    return Fold(files.name, FoldModel(backbone, head_mod).eval(), files, float(th) if th is not None else None,
+                {**_plain(meta), "arch": arch, "variant": variant, "head": head})
+
+
+def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Sequence[float | None] = (),
+                       oof: Callable[[], tuple[np.ndarray, np.ndarray] | None] = lambda: None,
+                       where: str = "") -> tuple[float, str]:
+    """The one threshold rule → (threshold, where it came from); see the module docstring.
+    ``oof`` is asked only when nothing was recorded (it may read a file)."""
+    if isinstance(recorded_oof, (int, float)) and not isinstance(recorded_oof, bool) and np.isfinite(recorded_oof):
+        return float(recorded_oof), f"out-of-fold best F1{' from ' + where if where else ''}"
+    ths = [float(t) for t in fold_thresholds if isinstance(t, (int, float)) and np.isfinite(t)]
+    if ths:
+        return float(np.mean(ths)), f"mean of {len(ths)} fold threshold(s)"
+    pairs = oof()
+    if pairs is not None and len(pairs[0]):
+        th, _ = best_f1_threshold(*pairs)
+        return float(th), "best F1 of the out-of-fold predictions"
+    return 0.5, "0.5: no threshold recorded"
+
+
+def _read_metrics(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    try:
+        th = json.loads(path.read_text()).get("oof", {}).get("threshold")
+    except (OSError, ValueError, AttributeError) as e:
+        raise FoldSetError(f"{path}: unreadable metrics file ({e}); fix or delete it") from None
+    return float(th) if isinstance(th, (int, float)) else None
+
+
+def _read_oof(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path).dropna(subset=["target_feature", "prob"])
+        return df.target_feature.to_numpy(int), df.prob.to_numpy(float)
+    except (OSError, ValueError, KeyError) as e:
+        raise FoldSetError(f"{path}: unreadable OOF file ({e}); fix or delete it") from None
+
+
+@dataclass
+class FoldSet:
+    """Loaded folds and what they agree on. Build with ``FoldSet.load`` or ``FoldSet.from_folder``."""
+
+    folds: list[Fold]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of folds left out
+    run: RunFiles | None = None  # where the set's metrics / OOF files are, when it came from a run folder
+
+    @classmethod
+    def load(cls, files: Sequence[FoldFiles], strict: bool = True, variant: str | None = None, head: str | None = None,
+             run: RunFiles | None = None) -> "FoldSet":
+        """Load every fold once. ``strict`` raises on the first fold that does not load; otherwise it is
+        skipped and named in ``skipped``. Folds that disagree (arch, input size) are always an error."""
+        folds, skipped = [], []
+        for f in files:
+            try:
+                folds.append(load_fold(f, variant=variant or None, head=head or None))
+            except Exception as e:  # noqa: BLE001 — any failure to build a fold is reported the same way
+                names = " + ".join(str(p) for p in (f.backbone, f.head) if p is not None)
+                reason = f"{f.name} ({names}): " + (str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
+                if strict:
+                    raise CheckpointError(reason) from e
+                skipped.append((f.name, reason))
+        fs = cls(folds, skipped, run)
+        fs._check_agreement()
+        return fs
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, prefix: str = "v42", strict: bool = True,
+                    variant: str | None = None, head: str | None = None, n_folds: int | None = None) -> "FoldSet":
+        """The folds of a run folder; ``n_folds`` keeps folds 0..n_folds-1 (extra files are skipped, named)."""
+        files = find_fold_files(folder, prefix)
+        extra = [f for f in files if n_folds is not None and (fold_number(f.backbone) or 0) >= n_folds]
+        files = [f for f in files if f not in extra]
+        if not files:
+            raise FoldSetError(f"no {prefix}_backbone_fold*.pth with its {prefix}_head_fold*.pth in {folder}")
+        fs = cls.load(files, strict, variant, head, RunFiles(Path(folder), prefix))
+        fs.skipped += [(f.name, f"{f.backbone}: beyond n_folds={n_folds}") for f in extra]
+        return fs
+
+    def _agreed(self, key: str, describe: Callable[[Fold], object]) -> None:
+        values = {}
+        for f in self.folds:
+            values.setdefault(describe(f), []).append(f)
+        if len(values) > 1:
+            parts = "; ".join(f"{v}: {', '.join(str(f.files.backbone) for f in fs)}" for v, fs in values.items())
+            raise FoldSetError(f"the folds disagree on {key} ({parts}); one ensemble needs one {key} — "
+                               "move the odd folds to another folder")
+
+    def _check_agreement(self) -> None:
+        self._agreed("architecture", lambda f: f.meta["arch"])
+        recorded = FoldSet([f for f in self.folds if _size(f) is not None])
+        recorded._agreed("input size", lambda f: f"{_size(f)} px")
+
+    # --- what the set decides -------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.folds]
+
+    @property
+    def models(self) -> list[FoldModel]:
+        return [f.model for f in self.folds]
+
+    def _one(self, key: str) -> str:
+        return self.folds[0].meta[key] if self.folds else ""
+
+    @property
+    def arch(self) -> str:
+        return self._one("arch")
+
+    @property
+    def variant(self) -> str:
+        return self._one("variant")
+
+    @property
+    def head(self) -> str:
+        return ",".join(sorted({f.meta["head"] for f in self.folds}))
+
+    @property
+    def img_size(self) -> tuple[int, str]:
+        """(input size, where it came from)."""
+        sizes = [s for f in self.folds if (s := _size(f)) is not None]
+        if not sizes:
+            return DEFAULT_IMG_SIZE, f"{DEFAULT_IMG_SIZE} (no img_size in the folds' metadata)"
+        return sizes[0], f"{sizes[0]} (the folds' metadata)"
+
+    def input_size(self, explicit: int = 0, force: bool = False, say: Callable[[str], None] = lambda s: None) -> int:
+        """The size to run the set at: the folds' own; ``explicit`` (> 0) only when it matches, or
+        when ``force`` (then logged through ``say``)."""
+        size, note = self.img_size
+        if explicit <= 0 or explicit == size:
+            return size
+        recorded = any(_size(f) is not None for f in self.folds)
+        if not recorded:
+            say(f"input size {explicit} px (asked for; the folds record none)")
+            return explicit
+        if not force:
+            raise FoldSetError(f"input size {explicit} px was asked for, but the folds were trained at {size} px "
+                               f"({', '.join(str(f.files.backbone) for f in self.folds)}); drop the size option to use "
+                               f"{size}, or add --force-img-size to run at {explicit} anyway")
+        say(f"WARNING: --force-img-size: running folds trained at {size} px at {explicit} px")
+        return explicit
+
+    def threshold(self, used: Sequence[str] | None = None) -> tuple[float, str]:
+        """The decision threshold → (value, where it came from); ``used`` names the folds that voted
+        (their own thresholds are the rule's third source)."""
+        folds = [f for f in self.folds if used is None or f.name in used]
+        if self.run is None:
+            return decision_threshold(None, [f.threshold for f in folds])
+        return decision_threshold(_read_metrics(self.run.metrics_json), [f.threshold for f in folds],
+                                  lambda: _read_oof(self.run.oof_csv), self.run.metrics_json.name)
+
+    def describe(self) -> str:
+        size, _ = self.img_size
+        return (f"{len(self.folds)} fold(s) [{', '.join(self.names)}] of {self.arch}/{self.head} at {size} px"
+                + (f"; left out: {', '.join(n for n, _ in self.skipped)}" if self.skipped else ""))
+
+
+def _size(f: Fold) -> int | None:
+    s = f.meta.get("img_size")
+    return int(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 else None

@@ -1,0 +1,244 @@
+"""Scoring a folder of test faces with a fold ensemble, without giving up on bad images or CUDA.
+
+- An unreadable image is never a black tensor: it is marked failed (or re-read through a
+  fallback, e.g. a fresh crop of the original) and left out of the forward pass.
+- CUDA out of memory halves the compute batch and retries the same images; CUDA unusable (or
+  dying mid-run) moves the work to CPU copies of the models that were kept aside.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import option
+from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
+from .folds import Fold
+from .tta import predict_batches
+from ..device import resolve_device
+
+log = logging.getLogger("titan")
+
+OK, RECROPPED, FAILED = 0, 1, 2
+
+
+class ImagesToScore(Dataset):
+    """Test Ids → (uint8 (3,S,S), index, status, reason).
+
+    A crop missing from ``index`` or failing to decode goes to ``fallback(id)`` (an HxWx3 uint8
+    image) when given; if that fails too the item is FAILED with both reasons and an all-zero
+    placeholder that scoring never feeds to a model.
+    """
+
+    def __init__(self, ids: Sequence[str], index: ImageIndex | None, img_size: int,
+                 fallback: Callable[[str], np.ndarray] | None = None) -> None:
+        self.ids, self.index, self.img_size, self.fallback = list(ids), index, img_size, fallback
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _read(self, image_id: str) -> np.ndarray:
+        if self.index is None:
+            raise FileNotFoundError(f"no face-crop folder to read Id {image_id!r} from")
+        return decode_image(self.index.path(image_id))
+
+    def __getitem__(self, i: int):
+        image_id, status, reason = self.ids[i], OK, ""
+        try:
+            img = self._read(image_id)
+        except (ImageDecodeError, FileNotFoundError) as e:
+            status, reason, img = FAILED, str(e), None
+            if self.fallback is not None:
+                try:
+                    img, status = self.fallback(image_id), RECROPPED
+                except Exception as e2:  # noqa: BLE001 — any fallback failure leaves the row failed
+                    reason += f"; re-crop failed: {e2}"
+        if img is None:
+            x = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
+        else:
+            x = to_chw_uint8(square_resize(img, self.img_size))
+        return x, i, status, reason
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
+
+
+@dataclass
+class ResilientPredictor:
+    """Per-fold TTA logits for uint8 batches; shrinks the batch on OOM, falls back to CPU."""
+
+    models: list[torch.nn.Module]  # CPU originals, kept for the CPU fallback
+    names: list[str]
+    device: torch.device
+    views: Sequence[str]
+    batch_size: int
+    amp: bool = True
+    notes: list[str] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)  # folds whose forward raised: NaN from then on
+
+    def __post_init__(self) -> None:
+        self.on_device = self._move(self.device)
+
+    def _move(self, device: torch.device) -> list[torch.nn.Module]:
+        if device.type == "cpu":
+            return self.models
+        try:
+            moved = [copy.deepcopy(m).to(device) for m in self.models]
+            torch.zeros(1, device=device).add_(1).cpu()  # a real kernel: fails now if CUDA is broken
+            return moved
+        except Exception as e:  # noqa: BLE001
+            self._to_cpu(f"could not use {device} ({type(e).__name__}: {_first_line(e)})")
+            return self.models
+
+    def _to_cpu(self, why: str) -> None:
+        self.notes.append(f"device: {why}; continued on CPU")
+        log.warning("%s; continuing on CPU", why)
+        self.device, self.on_device = torch.device("cpu"), self.models
+
+    def _shrink(self, error_name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        new = max(1, self.batch_size // 2)
+        self.notes.append(f"out of memory at batch {self.batch_size}: retried at {new}")
+        log.warning("out of memory at batch %d (%s); retrying at %d", self.batch_size, error_name, new)
+        self.batch_size = new
+
+    def _predict(self, x: torch.Tensor, ks: Sequence[int]) -> np.ndarray:
+        return predict_batches([self.on_device[k] for k in ks], [x], self.device, self.views, amp=self.amp)
+
+    def _find_broken(self, x: torch.Tensor) -> bool:
+        """After an error that is neither OOM nor CUDA: retire the folds that fail on their own."""
+        broken = []
+        for k in sorted(set(range(len(self.models))) - self.dead):
+            try:
+                self._predict(x[:1], [k])
+            except Exception as e2:  # noqa: BLE001
+                broken.append(k)
+                self.notes.append(f"fold {self.names[k]} failed at inference ({type(e2).__name__}: {e2}); left out")
+                log.warning("fold %s failed at inference: %s", self.names[k], e2)
+        self.dead.update(broken)
+        return bool(broken) and len(self.dead) < len(self.models)
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """uint8 (B,3,S,S) → logits (n_models, B); NaN rows for retired folds."""
+        out = np.full((len(self.models), x.shape[0]), np.nan, dtype=np.float32)
+        i = 0
+        while i < x.shape[0]:
+            chunk = x[i:i + self.batch_size]
+            live = [k for k in range(len(self.models)) if k not in self.dead]
+            try:
+                out[live, i:i + chunk.shape[0]] = self._predict(chunk, live)
+                i += chunk.shape[0]
+                continue
+            except Exception as e:  # noqa: BLE001
+                if is_oom(e) and self.batch_size > 1:
+                    action = ("shrink", type(e).__name__)
+                elif self.device.type == "cuda":
+                    action = ("cpu", f"CUDA failed mid-run ({type(e).__name__}: {_first_line(e)})")
+                elif self._find_broken(chunk):
+                    continue
+                else:
+                    raise
+            # Acted on outside the except block, once the failed attempt's tensors are released.
+            if action[0] == "shrink":
+                self._shrink(action[1])
+            else:
+                self._to_cpu(action[1])
+        return out
+
+
+@dataclass
+class Scores:
+    """Per-fold logits (n_folds, N) with NaN for failed rows, and what happened on the way."""
+
+    ids: list[str]
+    logits: np.ndarray
+    status: np.ndarray
+    reasons: list[str]
+    fold_names: list[str]
+    device: str
+    batch_size: int
+    notes: list[str]
+
+    @property
+    def scored(self) -> np.ndarray:
+        return self.status != FAILED
+
+    def drop_nonfinite_folds(self) -> list[str]:
+        """Remove folds whose logits are not finite on some scored row; returns their names."""
+        bad = [k for k in range(len(self.fold_names)) if not np.isfinite(self.logits[k, self.scored]).all()]
+        if bad:
+            keep = [k for k in range(len(self.fold_names)) if k not in bad]
+            dropped = [self.fold_names[k] for k in bad]
+            self.logits, self.fold_names = self.logits[keep], [self.fold_names[k] for k in keep]
+            self.notes.append(f"dropped folds with non-finite outputs: {', '.join(dropped)}")
+            return dropped
+        return []
+
+
+def pick_device(name: str, notes: list[str]) -> torch.device:
+    """``resolve_device`` that degrades to CPU (with a note) instead of raising."""
+    try:
+        return resolve_device(name)
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"device: {e}; continued on CPU")
+        log.warning("%s; continuing on CPU", e)
+        return torch.device("cpu")
+
+
+def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int = 32, device: str = "auto",
+                 views: Sequence[str] = ("identity", "hflip"), amp: bool = True, num_workers: int = 0,
+                 progress: bool = True) -> Scores:
+    """Score every image of ``dataset`` with every fold (TTA logits), resiliently."""
+    from tqdm import tqdm
+
+    notes: list[str] = []
+    dev = pick_device(device, notes)
+    predictor = ResilientPredictor([f.model.eval() for f in folds], [f.name for f in folds], dev, list(views),
+                                   batch_size, amp, notes)
+    n = len(dataset)
+    logits = np.full((len(folds), n), np.nan, dtype=np.float32)
+    status = np.full(n, FAILED, dtype=np.int64)
+    reasons = [""] * n
+    loader = DataLoader(dataset, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers,
+                        pin_memory=predictor.device.type == "cuda", persistent_workers=False)
+    with tqdm(total=n, desc="scoring", unit="img", disable=not progress, leave=False) as bar:
+        for x, idx, st, why in loader:
+            idx, st = idx.numpy(), st.numpy()
+            status[idx] = st
+            for j, r in zip(idx, why):
+                reasons[j] = r
+            ok = st != FAILED
+            if ok.any():
+                logits[:, idx[ok]] = predictor(x[torch.from_numpy(ok)])
+            bar.update(len(idx))
+    return Scores(list(dataset.ids), logits, status, reasons, [f.name for f in folds], str(predictor.device),
+                  predictor.batch_size, notes)
+
+
+@dataclass
+class ScoringOptions:
+    """The flags of every script that scores test faces with a fold set."""
+
+    weights_dir: str = option(".", "folder holding the fold weights")
+    prefix: str = option("v42", "fold file prefix: titan (V38 release) or v42 (ours)")
+    test_dir: str = option("data/faces_512/test", "test face crops")
+    img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
+    force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size",
+                                  switch=True)
+    batch_size: int = option(32, "images per forward pass (halved on OOM)")
+    device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
+    num_workers: int = option(2, "image-decoding workers")
+    amp: bool = option(True, "turn off CUDA autocast", flag="--no-amp", switch=False)
+    progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)

@@ -1,0 +1,180 @@
+"""Safe inference: a complete submission whatever happens, short of no usable weights at all.
+
+Degrades instead of failing, and says how: any subset of folds (a fold that does not load is
+skipped and named), the fold set's threshold rule (``titan.infer.folds``), OOM → smaller batches,
+no CUDA → CPU, an unreadable face crop → a fresh crop of the original image, and if that fails
+too → the ensemble's prior decision, listed in the issues CSV.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..checkpoints import atomic_write
+from ..config import option
+from ..data.faces import crop_face
+from ..data.images import ImageIndex, decode_image
+from ..data.labels import id_order
+from ..runfiles import RunFiles
+from ..runlog import RunLog
+from .folds import FoldSet, FoldSetError, find_fold_files
+from .resilient import FAILED, RECROPPED, ImagesToScore, ScoringOptions, score_images
+from .submission import decide, in_id_order, write_submission
+from .tta import ensemble_probability, parse_tta
+
+TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
+
+
+class SafeInferenceError(RuntimeError):
+    """No submission is possible (no usable weights, no test images)."""
+
+
+@dataclass
+class SafeConfig(ScoringOptions):
+    """safe_inference.py's flags (the scoring flags, then its own)."""
+
+    raw_test_dir: str = option("data/dataset/test_images", "original test images, re-cropped when a face crop fails")
+    out: str = option("submission_v42.csv", "submission CSV")
+    issues: str = option("", "issues CSV; empty = safe_inference_issues.csv beside --out")
+    tta: str = option("minimal", "minimal (identity,hflip), full (identity,hflip,rot+5,rot-5) or a list")
+    margin: float = option(0.2, "face-box margin for re-crops of originals (align_faces.py's default)")
+
+
+@dataclass
+class SafeSummary:
+    out: Path
+    issues: Path
+    n_rows: int
+    folds_used: list[str]
+    folds_skipped: list[tuple[str, str]]
+    threshold: float
+    recropped: list[str]
+    prior_rows: list[str]
+    device: str
+    batch_size: int
+    degraded: list[str] = field(default_factory=list)
+
+
+def recrop(original_path: str | os.PathLike, size: int, margin: float = 0.2) -> np.ndarray:
+    """The face crop of an original test image, ``size``×``size`` uint8 RGB, made by the same
+    detector and square crop as align_faces.py (centre square when no face is found)."""
+    return np.asarray(crop_face(decode_image(original_path), size, margin))
+
+
+def _recrop_by_id(raw: ImageIndex | None, size: int, margin: float, raw_dir: str, image_id: str) -> np.ndarray:
+    # Module-level (not a closure) so loader workers can pickle it under any start method.
+    if raw is None:
+        raise FileNotFoundError(f"no originals folder {raw_dir}")
+    return recrop(raw.path(image_id), size, margin)
+
+
+def resolve_tta(spec: str) -> list[str]:
+    return parse_tta(TTA_PRESETS.get(spec, spec))
+
+
+def prior_decision(pred: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[int, str]:
+    """The label for a row the ensemble could not see: the majority of its decisions on the other
+    rows; on a tie, the threshold applied to their mean probability; with no other rows, 0."""
+    if len(pred) == 0:
+        return 0, "no image could be scored: real (0) by default"
+    n1 = int(pred.sum())
+    n0 = len(pred) - n1
+    if n1 != n0:
+        return int(n1 > n0), f"majority of {len(pred)} predictions ({n1} fake / {n0} real)"
+    label = int(float(np.mean(probs)) >= threshold)
+    return label, f"tie in predictions: mean probability {np.mean(probs):.3f} vs threshold {threshold:.3f}"
+
+
+def _index_or_none(folder: str, degraded: list[str], what: str) -> ImageIndex | None:
+    try:
+        return ImageIndex(folder)
+    except FileNotFoundError:
+        degraded.append(f"{what} folder {folder} not found")
+        return None
+
+
+def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary:
+    """Write a complete ``Id,target_feature`` submission (every test Id once, in Id order)."""
+    say = runlog.info if runlog else (lambda msg: None)
+    degraded: list[str] = []
+    views = resolve_tta(cfg.tta)
+
+    try:
+        fs = FoldSet.load(find_fold_files(cfg.weights_dir, cfg.prefix), strict=False, run=RunFiles(Path(cfg.weights_dir), cfg.prefix))
+    except FoldSetError as e:  # folds that disagree: no single ensemble to fall back on
+        raise SafeInferenceError(str(e)) from None
+    folds, skipped = fs.folds, fs.skipped
+    for name, why in skipped:
+        say(f"skipped {name}: {why}")
+        degraded.append(f"fold skipped: {name}")
+    if not folds:
+        raise SafeInferenceError(
+            f"no usable fold weights in {cfg.weights_dir} ({cfg.prefix}_backbone_fold*.pth + {cfg.prefix}_head_fold*.pth)"
+            + (f"; skipped: {'; '.join(f'{n}: {w}' for n, w in skipped)}" if skipped else "")
+            + ". Pass --weights-dir / --prefix.")
+    try:
+        img_size = fs.input_size(cfg.img_size, cfg.force_img_size, say)
+    except FoldSetError as e:
+        raise SafeInferenceError(str(e)) from None
+
+    faces = _index_or_none(cfg.test_dir, degraded, "face-crop")
+    raw = _index_or_none(cfg.raw_test_dir, [], "original")
+    ids = id_order(set(faces.ids() if faces else []) | set(raw.ids() if raw else []))
+    if not ids:
+        raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
+
+    fallback = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
+    size_note = fs.img_size[1] if img_size == fs.img_size[0] else f"{img_size} px (--img-size)"
+    say(f"{fs.describe()}; input {size_note}; TTA {','.join(views)}; {len(ids)} test Ids")
+    try:
+        scores = score_images(folds, ImagesToScore(ids, faces, img_size, fallback), cfg.batch_size, cfg.device,
+                              views, cfg.amp, cfg.num_workers, cfg.progress)
+    except Exception as e:  # noqa: BLE001 — reached only when no fold can score at all
+        raise SafeInferenceError(f"no fold could score the test images: {type(e).__name__}: {e}") from e
+    scores.drop_nonfinite_folds()
+    degraded += scores.notes
+    th, th_note = fs.threshold(used=scores.fold_names)  # the folds' own thresholds: only those that voted
+    if th_note.startswith("0.5"):
+        degraded.append(f"threshold: {th_note}")
+    say(f"threshold {th:.4f} ({th_note})")
+
+    ok = scores.scored & (len(scores.fold_names) > 0)
+    probs = np.full(len(ids), np.nan)
+    if ok.any():
+        probs[ok] = ensemble_probability(scores.logits[:, ok])
+    labels = np.zeros(len(ids), dtype=np.int64)
+    labels[ok] = decide(probs[ok], th)
+    prior, prior_why = prior_decision(labels[ok], probs[ok], th)
+    failed = np.flatnonzero(~ok)
+    labels[failed] = prior
+
+    issues = []
+    for i in np.flatnonzero(scores.status == RECROPPED):
+        issues.append((ids[i], "recropped", scores.reasons[i], "scored on a fresh crop of the original"))
+    for i in failed:
+        why = scores.reasons[i] if scores.status[i] == FAILED else "no fold produced a finite score"
+        issues.append((ids[i], "prior", why, f"label {prior}: {prior_why}"))
+    issues_df = pd.DataFrame(issues, columns=["Id", "resolution", "problem", "action"])
+    issues_df = in_id_order(issues_df) if len(issues_df) else issues_df
+
+    out = Path(cfg.out)
+    issues_path = Path(cfg.issues) if cfg.issues else out.with_name("safe_inference_issues.csv")
+    sub = write_submission(out, ids, labels)
+    atomic_write(issues_path, lambda tmp: issues_df.to_csv(tmp, index=False))
+
+    recropped = [ids[i] for i in np.flatnonzero(scores.status == RECROPPED)]
+    prior_rows = [ids[i] for i in failed]
+    if recropped:
+        degraded.append(f"{len(recropped)} row(s) scored on a re-crop of the original image")
+    if prior_rows:
+        degraded.append(f"{len(prior_rows)} row(s) given the prior decision {prior} ({prior_why})")
+    say(f"wrote {out}: {len(sub)} rows ({int(labels.sum())} fake) on {scores.device}, batch {scores.batch_size}; "
+        f"issues in {issues_path} ({len(issues_df)} rows)")
+    say("degraded: " + ("nothing" if not degraded else "\n  - " + "\n  - ".join(degraded)))
+    return SafeSummary(out, issues_path, len(sub), scores.fold_names, skipped, th, recropped, prior_rows,
+                       scores.device, scores.batch_size, degraded)

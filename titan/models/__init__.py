@@ -1,0 +1,1 @@
+"""The networks: the 9-channel frequency input, ConvNeXt V2, heads, SimMIM, baselines, CBAM."""

@@ -1,0 +1,136 @@
+"""The architecture study: TitanNet variants beside the baselines the README compares against.
+
+Every architecture is a *backbone* ([0,1] RGB (B,3,H,W) → pooled features (B, num_features))
+plus a head from titan.heads, so training, the fold ensemble and TTA treat them alike.
+torchvision bodies are built without weights (nothing is downloaded); a local ImageNet
+checkpoint can be loaded with ``load_imagenet_weights``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from torchvision import models
+from torchvision.ops import FeaturePyramidNetwork
+
+from .cbam import CBAM
+from ..checkpoints import CheckpointError, load_into, load_state_dict
+from .convnextv2 import VARIANTS, build_backbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNetNormalize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MobileNetV2Body(nn.Module):
+    """torchvision MobileNetV2 features → global average pool: (B,1280)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalize = ImageNetNormalize()
+        self.features = models.mobilenet_v2(weights=None).features
+        self.num_features = 1280
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(x)).mean(dim=(2, 3))
+
+
+class EffNetB3FPNCBAM(nn.Module):
+    """EfficientNet-B3 features at strides 8/16/32 → FPN → CBAM per level → pooled, concatenated."""
+
+    # indices into torchvision's efficientnet_b3().features whose outputs are taken, and widths
+    taps = {3: 48, 5: 136, 7: 384}
+
+    def __init__(self, fpn_channels: int = 256) -> None:
+        super().__init__()
+        self.normalize = ImageNetNormalize()
+        self.features = models.efficientnet_b3(weights=None).features[: max(self.taps) + 1]
+        self.fpn = FeaturePyramidNetwork(list(self.taps.values()), fpn_channels)
+        self.cbam = nn.ModuleList([CBAM(fpn_channels) for _ in self.taps])
+        self.num_features = fpn_channels * len(self.taps)
+
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = OrderedDict()
+        x = self.normalize(x)
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i in self.taps:
+                feats[f"p{i}"] = x
+        return [att(level) for att, level in zip(self.cbam, self.fpn(feats).values())]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([level.mean(dim=(2, 3)) for level in self.pyramid(x)], dim=1)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    head: str          # titan.heads kind
+    ssl: bool          # SimMIM pretraining applies (9-channel ConvNeXt V2 only)
+    variant: str | None = None
+
+
+def parse_arch(name: str) -> Arch:
+    """titan-v42 | titan-v38 | titan-<small variant> | mobilenetv2 | effnet-b3-fpn-cbam."""
+    if name.startswith("titan-"):
+        variant = name[len("titan-"):]
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown arch {name!r}: titan variants are {sorted(VARIANTS)}")
+        return Arch(name, "arcface" if variant == "v38" else "linear", True, variant)
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
+        return Arch(name, "linear", False)
+    raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2 or effnet-b3-fpn-cbam")
+
+
+def resolve_arch(arch: str, variant: str) -> Arch:
+    """A config's architecture: ``arch`` when set, else ``titan-<variant>`` (the variant then follows the name)."""
+    return parse_arch(arch or f"titan-{variant}")
+
+
+def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard") -> nn.Module:
+    """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem."""
+    arch = parse_arch(name)
+    if arch.variant:
+        return build_backbone(arch.variant, drop_path_rate, stem)
+    return MobileNetV2Body() if name == "mobilenetv2" else EffNetB3FPNCBAM()
+
+
+def load_imagenet_weights(body: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a local torchvision ImageNet checkpoint's ``features.*`` into a baseline body.
+
+    Returns the keys left at their initial values (e.g. FPN/CBAM, which ImageNet has no weights for).
+    """
+    if not hasattr(body, "features") or not isinstance(body.features, nn.Sequential):
+        raise CheckpointError(f"{path}: ImageNet weights apply to the torchvision baselines only")
+    sd = {k: v for k, v in load_state_dict(path).items() if k.startswith("features.")}
+    own = body.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(f"{path}: no 'features.*' tensors fit {type(body).__name__}; is it the matching torchvision model?")
+    body.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> str:
+    """Initialise a backbone from a local file → a line for the run log.
+
+    Titan archs take a backbone state dict (e.g. another run's ``titan_v42_ssl.pth``, strict);
+    the baselines take a torchvision ImageNet checkpoint's ``features.*``.
+    """
+    if arch.variant:
+        load_into(body, path)
+        return f"{arch.name}: backbone initialised from {path}"
+    left = load_imagenet_weights(body, path)
+    return f"{arch.name}: ImageNet features from {path}; {len(left)} tensor(s) keep their initial values (e.g. FPN/CBAM)"

@@ -1,0 +1,44 @@
+"""The 9-channel input: RGB, FFT log-amplitude and SRM high-pass residuals.
+
+Released weights were trained on exactly this transform, so every constant here is part of
+the checkpoint contract (docs/checkpoints.md): change one and old weights silently degrade.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SRM_SCALE = 3.0
+FFT_SHIFT, FFT_SCALE = 3.0, 3.0
+
+
+def srm_kernel() -> torch.Tensor:
+    """(3,1,3,3) per-channel filters: R and B keep a −1 centre tap, G gets the Laplacian."""
+    k = torch.zeros(3, 1, 3, 3)
+    k[0, 0, 1, 1] = -1.0
+    k[2, 0, 1, 1] = -1.0
+    k[1, 0] = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+    return k
+
+
+class FrequencyInput(nn.Module):
+    """[0,1] RGB (B,3,H,W) → (B,9,H,W): RGB normalised, FFT log-amplitude, SRM residuals."""
+
+    out_chans = 9
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("srm_kernel", srm_kernel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # FFT has no bf16/fp16 kernels worth trusting: the whole transform runs in fp32.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            h, w = x.shape[-2:]
+            rgb = (x - 0.5) / 0.5
+            amp = torch.log1p(torch.fft.rfft2(x).abs())  # (B,3,H,W//2+1)
+            amp = (amp - FFT_SHIFT) / FFT_SCALE
+            amp = F.interpolate(amp, size=(h, w), mode="bilinear", align_corners=False)
+            srm = F.conv2d(x, self.srm_kernel.float(), padding=1, groups=3) * SRM_SCALE
+            return torch.cat([rgb, amp, srm], dim=1)

@@ -1,0 +1,1 @@
+"""Reports: training-log parsing, plots, Grad-CAM and the run report."""

@@ -1,0 +1,178 @@
+"""Grad-CAM of a fold ensemble: where on the face the models look for their decision.
+
+Per fold, the gradient of the fake logit with respect to the backbone's last-stage map weights
+that map's channels (Selvaraju et al., Grad-CAM). The signed maps of the folds are normalised per
+image (each fold gets an equal vote), averaged, then the sign of the explained class is applied:
+the fake logit for images called fake, its negative for images called real. Because the logit is
+linear in the sign, one backward pass per fold serves both classes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..data.images import ImageDecodeError, ImageIndex, decode_image, square_resize, to_chw_uint8
+from ..data.labels import check_id
+from ..infer.folds import FoldSet, find_fold_files
+from ..models.classifier import FoldModel
+from ..device import resolve_device
+from ..runfiles import RunFiles
+from .logparse import read_prob_csv
+
+log = logging.getLogger("titan")
+
+
+def signed_cam(model: FoldModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_c w_c·A_c at map resolution (B,h,w), fake logit (B,)) for a float [0,1] batch."""
+    bb = model.backbone
+    if not hasattr(bb, "forward_maps"):
+        raise ValueError(f"Grad-CAM explains TitanNet (ConvNeXt V2) folds only; this fold's backbone is "
+                         f"{type(bb).__name__} (a baseline from the architecture study)")
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)  # gives the map a graph even with frozen weights
+        fmap = bb.forward_maps(bb.preproc(x))
+        logit = model.head(bb.pool(fmap)).float()
+        (grad,) = torch.autograd.grad(logit.sum(), fmap)
+    weights = grad.float().mean(dim=(2, 3), keepdim=True)  # channel importance: pooled gradient
+    return (weights * fmap.detach().float()).sum(1), logit.detach()
+
+
+def gradcam(models: Sequence[FoldModel], x: torch.Tensor, explain_fake: torch.Tensor | None = None,
+            threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ensemble Grad-CAM → (heatmaps (B,H,W) in [0,1] at the input size, ensemble P(fake) (B,)).
+
+    ``explain_fake`` (B,) bool picks the class explained per image; by default the ensemble's
+    own call at ``threshold``. A map with no positive evidence is all zeros, never nan.
+    """
+    if not models:
+        raise ValueError("gradcam needs at least one fold model")
+    maps, logits = [], []
+    for m in models:
+        s, logit = signed_cam(m.eval(), x)
+        scale = s.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None]
+        maps.append(s / scale)
+        logits.append(logit)
+    prob = torch.sigmoid(torch.stack(logits).mean(0))
+    if explain_fake is None:
+        explain_fake = prob >= threshold
+    sign = explain_fake.to(x.device).float() * 2 - 1
+    cam = F.relu(torch.stack(maps).mean(0) * sign[:, None, None])
+    cam = F.interpolate(cam[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return torch.nan_to_num(cam, nan=0.0).clamp_(0.0, 1.0), prob
+
+
+# --- picking and rendering test faces --------------------------------------------------------------
+
+GROUPS = ("most confident fakes", "most confident reals", "most uncertain")
+
+
+def pick_examples(predictions: pd.DataFrame, n: int, threshold: float,
+                  usable: Callable[[str], bool] = lambda _id: True) -> list[tuple[str, pd.DataFrame]]:
+    """Split ``n`` test images over the three groups (fakes, reals, nearest the threshold), no repeats.
+
+    ``usable(Id)`` is asked in rank order, so an unreadable face is replaced by the next in line.
+    """
+    if n < 1:
+        raise ValueError(f"--explain needs a positive number of images, got {n}")
+    sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
+    p = predictions.assign(margin=(predictions["prob"] - threshold).abs())
+    ranked = (p[p["prob"] >= threshold].sort_values("prob", ascending=False, kind="mergesort"),
+              p[p["prob"] < threshold].sort_values("prob", ascending=True, kind="mergesort"),
+              p.sort_values("margin", kind="mergesort"))
+    taken: set[str] = set()
+    out = []
+    for title, size, df in zip(GROUPS, sizes, ranked):
+        rows = []
+        for i, image_id in zip(df.index, df["Id"]):
+            if len(rows) == size:
+                break
+            if image_id not in taken and usable(image_id):
+                taken.add(image_id)
+                rows.append(i)
+        out.append((title, df.loc[rows]))
+    return out
+
+
+def _short(image_id: str, width: int = 18) -> str:
+    return image_id if len(image_id) <= width else image_id[: width - 1] + "…"
+
+
+def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.PathLike = ".", prefix: str = "v42",
+                    test_dir: str | os.PathLike = "data/faces_512/test", img_size: int | None = None,
+                    device: str = "cpu", force_img_size: bool = False, batch_size: int = 4) -> Path:
+    """Grad-CAM gallery of ``n`` test faces picked from ``predictions_{prefix}.csv`` → PNG path.
+
+    The folds, their input size and the decision threshold come from the fold set (``titan.infer.folds``).
+    """
+    from .plots import plot_gradcam_gallery
+
+    weights_dir = Path(weights_dir)
+    if not find_fold_files(weights_dir, prefix):
+        raise FileNotFoundError(f"--explain: no {prefix}_backbone_fold*.pth with its {prefix}_head_fold*.pth in "
+                                f"{weights_dir}; point --weights-dir at the trained folds (or --prefix titan)")
+    pred_path = RunFiles(weights_dir, prefix).predictions_csv
+    if not pred_path.is_file():
+        raise FileNotFoundError(f"--explain: {pred_path} not found; it picks the faces to explain "
+                                f"(written by train_v42_diamond.py's inference)")
+    preds = read_prob_csv(pred_path, ("Id", "prob"))
+    for i, s in enumerate(preds["Id"]):
+        check_id(s, f"{pred_path} line {i + 2}: ")
+    dev = resolve_device(device)
+    fs = FoldSet.from_folder(weights_dir, prefix)
+    if not fs.arch.startswith("titan-"):
+        raise ValueError(f"--explain: Grad-CAM reads TitanNet's last-stage map; {', '.join(fs.names)} ({fs.arch}) "
+                         "are baseline architectures — explain a titan-* run instead")
+    models = [m.to(dev).eval() for m in fs.models]
+    size = fs.input_size(img_size or 0, force_img_size, log.warning)
+    if size % 32:
+        raise ValueError(f"image size {size} is not a multiple of 32 (the backbone's stride); pass --img-size")
+    threshold, th_note = fs.threshold()
+    index = ImageIndex(test_dir)
+    log.info("Grad-CAM: %s from %s, %dpx, threshold %.3f (%s), faces from %s", fs.describe(), weights_dir, size,
+             threshold, th_note, test_dir)
+
+    absent = int((~preds["Id"].isin(index.paths)).sum())
+    if absent:
+        log.warning("%d Id(s) of %s have no image in %s and were not considered", absent, pred_path, test_dir)
+    images: dict[str, np.ndarray] = {}
+
+    def readable(image_id: str) -> bool:  # decodes once; a bad face is named and replaced by the next
+        try:
+            images[image_id] = square_resize(decode_image(index.path(image_id)), size)
+            return True
+        except ImageDecodeError as e:
+            log.warning("Grad-CAM: skipped %s", e)
+            return False
+
+    with logging_redirect_tqdm():
+        picked = pick_examples(preds[preds["Id"].isin(index.paths)], n, threshold, readable)
+    total = sum(len(df) for _, df in picked)
+    if total == 0:
+        raise FileNotFoundError(f"--explain: no readable face in {test_dir} for the Ids of {pred_path}")
+    groups = []
+    with logging_redirect_tqdm(), tqdm(total=total, desc="Grad-CAM", unit="img") as bar:
+        for title, df in picked:
+            faces = [(r, images[r.Id]) for r in df.itertuples(index=False)]
+            items = []
+            for start in range(0, len(faces), batch_size):
+                chunk = faces[start:start + batch_size]
+                x = torch.stack([to_chw_uint8(im) for _, im in chunk]).to(dev).float().div_(255.0)
+                explain_fake = torch.tensor([r.prob >= threshold for r, _ in chunk])
+                cams, _ = gradcam(models, x, explain_fake, threshold)
+                for (r, im), cam in zip(chunk, cams.cpu().numpy()):
+                    call = "fake" if r.prob >= threshold else "real"
+                    items.append({"image": im, "cam": cam, "title": f"{_short(r.Id)}\nP(fake) {r.prob:.3f} → {call}"})
+                bar.update(len(chunk))
+            groups.append((title, items))
+    subtitle = f"{len(models)} fold(s) of {weights_dir.resolve().name}, {size}px, threshold {threshold:.3f}"
+    return plot_gradcam_gallery(groups, out_path, subtitle)

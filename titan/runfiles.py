@@ -1,0 +1,76 @@
+"""The names of the files a training run writes (the file contract in the README), in one place.
+
+Training writes them, and inference, diamonds, safe inference, Grad-CAM, the plots and the
+report find them here, so a name cannot drift between a writer and its readers.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+FOLD_PARTS = ("backbone", "head", "meta")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """``folder``'s run files for a prefix: ``v42`` (ours) or ``titan`` (the V38 release)."""
+
+    folder: Path
+    prefix: str = "v42"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+
+    def fold(self, part: str, k: int) -> Path:
+        """``{prefix}_{backbone|head|meta}_fold{k}.pth``."""
+        if part not in FOLD_PARTS:
+            raise ValueError(f"unknown fold file part {part!r}; one of {FOLD_PARTS}")
+        return self.folder / f"{self.prefix}_{part}_fold{k}.pth"
+
+    def fold_numbers(self) -> list[int]:
+        """Every k with a ``{prefix}_backbone_fold{k}.pth`` here, ascending."""
+        if not self.folder.is_dir():
+            return []
+        pattern = re.compile(rf"{re.escape(self.prefix)}_backbone_fold(\d+)\.pth")
+        return sorted(int(m.group(1)) for p in self.folder.glob(f"{self.prefix}_backbone_fold*.pth")
+                      if (m := pattern.fullmatch(p.name)))
+
+    @property
+    def ssl_weights(self) -> Path:
+        return self.folder / f"titan_{self.prefix}_ssl.pth"
+
+    @property
+    def log_txt(self) -> Path:
+        return self.folder / f"training_{self.prefix}_log.txt"
+
+    @property
+    def log_jsonl(self) -> Path:
+        return self.folder / f"training_{self.prefix}_log.jsonl"
+
+    @property
+    def config_json(self) -> Path:
+        return self.folder / f"config_{self.prefix}.json"
+
+    @property
+    def oof_csv(self) -> Path:
+        return self.folder / f"oof_{self.prefix}.csv"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.folder / f"metrics_{self.prefix}.json"
+
+    @property
+    def predictions_csv(self) -> Path:
+        return self.folder / f"predictions_{self.prefix}.csv"
+
+    @property
+    def submission_csv(self) -> Path:
+        return self.folder / f"submission_{self.prefix}.csv"
+
+
+def fold_number(path: str | os.PathLike) -> int | None:
+    """k of a file named ``…fold{k}…``, else None."""
+    m = re.search(r"fold(\d+)", Path(path).stem)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,300 @@
+"""Stage 2 of training: stratified k-fold fine-tuning from the SSL backbone.
+
+Pseudo-labelled rows (diamonds) only ever train: they get no fold and are never validated on.
+Each fold keeps its best epoch (F1, then ROC-AUC, then validation loss), writes its backbone,
+head, OOF rows and — last, as the completion mark — its meta file; a finished fold is skipped on
+a rerun, an interrupted one resumes from its newest complete epoch state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..checkpoints import atomic_json, atomic_write, load_file, load_into, save_atomic, save_checkpoint
+from ..config import TrainConfig
+from ..data.augment import augment_batch, build_augment
+from ..data.images import ImageIndex
+from ..data.labels import LabelCSVError, read_labels
+from ..metrics import binary_metrics, format_metrics
+from ..models.archs import build_arch_backbone, load_init_weights, resolve_arch
+from ..models.classifier import Classifier
+from ..models.convnextv2 import keep_stem_highpass
+from ..models.heads import build_head
+from ..runlog import RunLog
+from . import distributed, optim, state
+from .epoch import predict_logits, train_one_epoch
+from .session import TrainSession, check_resumable, face_dirs, resolved_identity, session
+
+# A finished fold whose files were written with other values of these is not reused.
+FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed")
+
+
+# --- labels and folds -------------------------------------------------------------------------------
+
+def load_labels(cfg: TrainConfig, log: RunLog) -> pd.DataFrame:
+    """The training rows: real rows (train faces) first, then pseudo rows (test faces).
+
+    ``train_csv`` falls back to ``fallback_csv`` (with a notice) before any diamonds exist.
+    Ids without a face image are an error listing them, or dropped with ``skip_missing``.
+    """
+    csv = Path(cfg.train_csv)
+    if not csv.is_file():
+        if not Path(cfg.fallback_csv).is_file():
+            raise FileNotFoundError(f"no training labels: neither {cfg.train_csv} nor {cfg.fallback_csv} exists. "
+                                    "Run make_diamonds.py, or point --train-csv at a label CSV.")
+        log.info(f"NOTICE: {csv} not found (no diamonds yet) — training on {cfg.fallback_csv} instead")
+        csv = Path(cfg.fallback_csv)
+    df = read_labels(csv)
+    train_dir, test_dir = face_dirs(cfg)
+    index = {False: ImageIndex(train_dir), True: ImageIndex(test_dir) if test_dir.is_dir() else None}
+    has = np.array([index[p] is not None and i in index[p] for i, p in zip(df.Id, df.is_pseudo)])
+    if not has.all():
+        rows = [f"{i!r} (line {n + 2}, {'pseudo → ' + str(test_dir) if p else train_dir})"
+                for n, (i, p) in enumerate(zip(df.Id, df.is_pseudo)) if not has[n]]
+        msg = f"{csv}: {len(rows)} Id(s) have no face image: {', '.join(rows[:20])}" + (" …" if len(rows) > 20 else "")
+        if not cfg.skip_missing:
+            raise LabelCSVError(msg + ". Run align_faces.py for them, or drop them with --skip-missing.")
+        log.info(f"WARNING: --skip-missing: dropping them. {msg}")
+        df = df[has].reset_index(drop=True)
+    n_real = int((~df.is_pseudo).sum())
+    log.info(f"labels: {csv} — {n_real} real rows ({int(df.target_feature[~df.is_pseudo].sum())} fake), "
+             f"{len(df) - n_real} pseudo rows")
+    return pd.concat([df[~df.is_pseudo], df[df.is_pseudo]], ignore_index=True)
+
+
+def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
+    """Fold of each row: stratified over the real rows only; pseudo rows get -1 (train-only)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    fold = np.full(len(df), -1, dtype=int)
+    real = np.flatnonzero(~df.is_pseudo.to_numpy())
+    y = df.target_feature.to_numpy()[real]
+    least = int(np.bincount(y, minlength=2).min())
+    if n_folds < 2 or least < n_folds:
+        raise ValueError(f"cannot make {n_folds} stratified folds: the rarer class has {least} real row(s); "
+                         "need n_folds ≥ 2 and at least n_folds rows of each class (lower --n-folds)")
+    for k, (_, va) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(real, y)):
+        fold[real[va]] = k
+    return fold
+
+
+def labelled_dataset(r: TrainSession, df: pd.DataFrame) -> ConcatDataset:
+    """Real rows from the train faces, then pseudo rows from the test faces (dataset order = df
+    order, since ``load_labels`` lists real rows first)."""
+    train_dir, test_dir = face_dirs(r.cfg)
+    parts = []
+    for pseudo, folder in ((False, train_dir), (True, test_dir)):
+        sub = df[df.is_pseudo == pseudo]
+        if len(sub):
+            parts.append(r.faces(sub.Id.tolist(), folder, sub.target_feature.tolist()))
+    return ConcatDataset(parts)
+
+
+def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+    """(pos_weight, sampler weights) per ``cfg.imbalance``."""
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if cfg.imbalance == "pos_weight":
+        return (n_neg / n_pos if n_pos else None), None
+    if cfg.imbalance == "sampler":
+        counts = np.array([max(n_neg, 1), max(n_pos, 1)], dtype=np.float64)
+        return None, 1.0 / counts[y.astype(int)]
+    if cfg.imbalance == "none":
+        return None, None
+    raise ValueError(f"imbalance must be pos_weight, sampler or none, not {cfg.imbalance!r}")
+
+
+def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
+    """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
+    arch = resolve_arch(cfg.arch, cfg.variant)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem)
+    if cfg.init_weights:
+        log.info(load_init_weights(backbone, arch, cfg.init_weights))
+    elif not arch.ssl:
+        log.info(f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation")
+    elif ssl_path.is_file():
+        load_into(backbone, ssl_path)
+    elif cfg.ssl_epochs <= 0:
+        log.info("SSL off (--ssl-epochs 0): fine-tuning from random initialisation")
+    else:
+        log.info(f"NOTICE: {ssl_path} not found — fine-tuning from random initialisation (run --stages ssl first)")
+    if cfg.stem != "standard" and not arch.ssl:
+        log.info(f"NOTICE: --stem {cfg.stem} applies to TitanNet only; {arch.name} keeps its own stem")
+    kwargs = {"dropout": cfg.dropout} if cfg.head == "linear" else {}
+    if cfg.head == "arcface" and pos_weight:
+        log.info("NOTICE: the ArcFace margin loss takes no pos_weight; use --imbalance sampler to balance classes")
+    return Classifier(backbone, build_head(cfg.head, backbone.num_features, **kwargs), cfg.label_smoothing, pos_weight)
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+def fold_done(r: TrainSession, k: int) -> dict | None:
+    """The meta of a finished fold (its files and OOF rows all written), else None."""
+    meta_path = r.files.fold("meta", k)
+    files = [r.files.fold("backbone", k), r.files.fold("head", k), r.ckpt / f"oof_fold{k}.csv"]
+    if not meta_path.is_file() or not all(p.is_file() for p in files):
+        return None
+    meta = load_file(meta_path)
+    if not (isinstance(meta, dict) and meta.get("complete")):
+        return None
+    have, now = resolved_identity(meta), resolved_identity(dataclasses.asdict(r.cfg))
+    stale = {f: (have.get(f), now[f]) for f in FOLD_IDENTITY if have.get(f) != now[f]}
+    if stale:
+        raise ValueError(f"{meta_path} was trained with other settings {stale} (file vs now); use a fresh --out-dir "
+                         "or delete that fold's files to retrain it")
+    return meta
+
+
+def run_finetune(cfg: TrainConfig, run: TrainSession | None = None) -> dict:
+    """Fine-tune every fold from the SSL backbone, then write the OOF file and the metrics summary."""
+    with session(cfg, run) as r:
+        df = load_labels(cfg, r.log)
+        folds = assign_folds(df, cfg.n_folds, cfg.fold_seed)
+        for k in range(cfg.n_folds):
+            if fold_done(r, k) is not None:
+                r.log.info(f"Fold {k} already complete; skipping")
+                continue
+            train_fold(r, df, folds, k)
+        return summarize_folds(r, df)
+
+
+@dataclass
+class FoldData:
+    """One fold's rows and loaders: train on every other fold's real rows plus all pseudo rows."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    sampler: object
+    loader: DataLoader
+    val_loader: DataLoader
+    pos_weight: float | None
+
+
+def fold_data(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int) -> FoldData:
+    cfg, env = r.cfg, r.env
+    tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+    assert not df.is_pseudo.to_numpy()[va].any(), "pseudo rows must never be validated on"
+    df_tr, df_va = df.iloc[tr].reset_index(drop=True), df.iloc[va].reset_index(drop=True)
+    train_set, val_set = labelled_dataset(r, df_tr), labelled_dataset(r, df_va)
+    pos_weight, weights = class_balance(cfg, df_tr.target_feature.to_numpy())
+    sampler = distributed.make_sampler(len(train_set), env, shuffle=True, seed=cfg.seed + k, weights=weights)
+    val_loader = r.loader(val_set, cfg.infer_batch_size, distributed.make_sampler(len(val_set), env, False, 0))
+    return FoldData(df_tr, df_va, sampler, r.loader(train_set, cfg.batch_size, sampler), val_loader, pos_weight)
+
+
+def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarray, np.ndarray]:
+    """(metrics, validation loss, dataset indices, probabilities) on the fold's validation rows."""
+    idx, logits = predict_logits(model, d.val_loader, r.env, r.cfg.amp, r.images)
+    y = d.val.target_feature.to_numpy()[idx]
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(), torch.from_numpy(y).double()))
+    return binary_metrics(y, probs), val_loss, idx, probs
+
+
+def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
+    """Fine-tune fold ``k`` (resuming its newest complete epoch state) and save its best epoch."""
+    cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
+    state.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)  # the same start whether or not other folds ran here
+    d = fold_data(r, df, folds, k)
+    raw = build_classifier(cfg, r.files.ssl_weights, log, d.pos_weight)
+    model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
+    stepper = optim.make_stepper(raw, model, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup_epochs, cfg.ft_epochs,
+                                 math.ceil(len(d.loader) / cfg.accum_steps), cfg, env)
+    if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
+        keep_stem_highpass(raw.backbone, stepper.optimizer)
+    aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
+
+    start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
+    saved = state.load_latest_state(r.ckpt, stem, log.info)
+    if saved is not None:
+        check_resumable(saved.get("config"), cfg, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}")
+        raw.load_state_dict(saved["model"])
+        stepper.load_state_dict(saved["train"])
+        start, best = int(saved["epoch"]), saved["best"]
+        r.restore_rng(saved["rng"], start)
+        log.info(f"Fold {k}: resuming after epoch {start}")
+    log.info(f"Fold {k}: {len(d.train)} training rows ({int(d.train.is_pseudo.sum())} pseudo), {len(d.val)} validation rows")
+
+    for epoch in range(start, cfg.ft_epochs):
+        d.sampler.set_epoch(epoch)
+        st = train_one_epoch(model, d.loader, stepper, env, cfg.amp,
+                             lambda b: (augment_batch(aug, r.images(b[0])), b[1].to(dev, non_blocking=True)),
+                             lambda m, x, y: m(x, y)[1], f"Fold {k} epoch {epoch + 1}")
+        m, val_loss, idx, probs = validate(r, model, d)
+        log.info(f"Fold {k} Ep {epoch + 1} | Loss: {st.loss:.4f} | Val F1: {m['f1']:.4f} (th={m['threshold']:.2f}) | "
+                 f"AUC: {m['roc_auc']:.4f} | AP: {m['ap']:.4f} | LR: {stepper.lr:.1e}")
+        log.record("ft_epoch", fold=k, epoch=epoch + 1, train_loss=st.loss, val_loss=val_loss, f1=m["f1"],
+                   th=m["threshold"], auc=m["roc_auc"], ap=m["ap"], precision=m["precision"], recall=m["recall"],
+                   lr=stepper.lr, img_s=st.img_s)
+        score = (float(m["f1"]), float(np.nan_to_num(m["roc_auc"])), -val_loss)  # plain floats: weights_only
+        if best is None or score > tuple(best["score"]):
+            best = {"epoch": epoch + 1, "score": list(score), "metrics": {kk: float(v) for kk, v in m.items()},
+                    "val_loss": val_loss, "ids": [str(d.val.Id[j]) for j in idx], "probs": torch.from_numpy(probs),
+                    "model": {kk: v.detach().cpu().clone() for kk, v in raw.state_dict().items()}}
+        if env.is_main:
+            state.save_train_state(r.ckpt, stem, epoch + 1, keep=cfg.keep_checkpoints, model=raw.state_dict(),
+                                   train=stepper.state_dict(), best=best, config=dataclasses.asdict(cfg))
+        distributed.barrier(env)
+    return finish_fold(r, k, best)
+
+
+def finish_fold(r: TrainSession, k: int, best: dict | None) -> dict:
+    """Save the best epoch's files, drop the fold's epoch states, and log the fold's result."""
+    if best is None:
+        raise RuntimeError(f"Fold {k}: no epoch ran (ft_epochs={r.cfg.ft_epochs})")
+    m = best["metrics"]
+    result = {"fold": k, "best_epoch": best["epoch"], "f1": m["f1"], "th": m["threshold"], "auc": m["roc_auc"], "ap": m["ap"]}
+    if r.env.is_main:
+        save_fold(r, k, best)
+        state.remove_train_states(r.ckpt, f"fold{k}")
+    r.log.info(f"Fold {k} done: best epoch {best['epoch']} | F1 {result['f1']:.4f} (th={result['th']:.2f}) | AUC {result['auc']:.4f}")
+    r.log.record("fold_done", **result)
+    distributed.barrier(r.env)
+    return result
+
+
+def save_fold(r: TrainSession, k: int, best: dict) -> None:
+    """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta."""
+    cfg, m, sd = r.cfg, best["metrics"], best["model"]
+    arch = resolve_arch(cfg.arch, cfg.variant)
+    ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]))
+    for part in ("backbone", "head"):
+        part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
+        save_checkpoint(part_sd, r.files.fold(part, k), **ident, metrics={kk: float(v) for kk, v in m.items()},
+                        config=dataclasses.asdict(cfg))
+    oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
+    atomic_write(r.ckpt / f"oof_fold{k}.csv", lambda tmp: oof.to_csv(tmp, index=False))
+    save_atomic({"th": float(m["threshold"]), "f1": float(m["f1"]), "auc": float(m["roc_auc"]), "ap": float(m["ap"]),
+                 **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "complete": True}, r.files.fold("meta", k))
+
+
+def summarize_folds(r: TrainSession, df: pd.DataFrame) -> dict:
+    """``oof_v42.csv`` and ``metrics_v42.json`` from the finished folds' OOF rows."""
+    parts, folds = [], []
+    for k in range(r.cfg.n_folds):
+        meta = fold_done(r, k)
+        parts.append(pd.read_csv(r.ckpt / f"oof_fold{k}.csv", dtype={"Id": str}))
+        folds.append({"fold": k, "best_epoch": int(meta["epoch"]), "f1": meta["f1"], "th": meta["th"],
+                      "auc": meta["auc"], "ap": meta["ap"]})
+    real = df[~df.is_pseudo][["Id", "target_feature"]]
+    oof = real.merge(pd.concat(parts, ignore_index=True), on="Id", how="left", validate="one_to_one")
+    if oof.prob.isna().any():
+        # An unreadable validation image has no prediction: say so rather than invent one.
+        r.log.info(f"WARNING: no OOF prediction for {int(oof.prob.isna().sum())} Id(s) "
+                   f"{oof.Id[oof.prob.isna()].tolist()[:10]}; they are left out of the OOF metrics")
+        oof = oof.dropna(subset=["prob"]).reset_index(drop=True)
+    rep = binary_metrics(oof.target_feature.to_numpy(), oof.prob.to_numpy())
+    summary = {"oof": rep, "folds": folds}
+    if r.env.is_main:
+        atomic_write(r.files.oof_csv, lambda tmp: oof[["Id", "target_feature", "prob", "fold"]].to_csv(tmp, index=False))
+        atomic_json(summary, r.files.metrics_json)
+    r.log.info("OOF | " + format_metrics(rep))
+    r.log.record("oof", **rep)
+    return summary

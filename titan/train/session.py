@@ -1,0 +1,130 @@
+"""A training session: processes, logs and the run folder, shared by the stages of one command.
+
+``session(cfg)`` joins the process group, opens the two log channels (human lines and JSON
+records), writes the resolved config, and routes titan's warnings into the run log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import TrainConfig, save_config
+from ..data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
+from ..device import to_float_image, use_channels_last
+from ..models.archs import resolve_arch
+from ..runfiles import RunFiles
+from ..runlog import RunLog
+from . import distributed, state
+from .distributed import DistEnv
+
+PREFIX = "v42"
+
+
+@dataclass
+class TrainSession:
+    cfg: TrainConfig
+    env: DistEnv
+    log: RunLog
+    files: RunFiles  # the run folder's file names
+    ckpt: Path       # resumable epoch states
+
+    @property
+    def out(self) -> Path:
+        return self.files.folder
+
+    @property
+    def channels_last(self) -> bool:
+        return use_channels_last(self.env.device, self.cfg.channels_last)
+
+    def faces(self, ids: Sequence[str], folder: Path, labels=None, on_error: str = "replace") -> FaceDataset:
+        """The dataset for these Ids; with ``gpu_decode`` JPEG bytes travel and decode on the device."""
+        cls = EncodedFaceDataset if self.cfg.gpu_decode else FaceDataset
+        return cls(list(ids), folder, self.cfg.img_size, labels, on_error=on_error)
+
+    def loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        return distributed.make_loader(dataset, batch_size, sampler, self.cfg.num_workers, self.env.device,
+                                       collate_fn=collate_encoded if self.cfg.gpu_decode else None)
+
+    def images(self, x) -> torch.Tensor:
+        """A loader batch → float [0,1] (B,3,S,S) on the device (decoded there with ``gpu_decode``)."""
+        if isinstance(x, list):
+            x = decode_on_device(x, self.cfg.img_size, self.env.device)
+        return to_float_image(x, self.env.device, self.channels_last)
+
+    def restore_rng(self, rng: dict, epoch: int) -> None:
+        """Resume rank 0's saved RNG streams; other ranks reseed from (seed, rank, epoch) so they stay distinct."""
+        state.set_rng_state(rng)
+        if self.env.rank:
+            state.seed_everything(self.cfg.seed + 7919 * self.env.rank + 104729 * epoch)
+
+
+class WarningsToRunLog(logging.Handler):
+    """Route titan's warnings (e.g. an unreadable image replaced) into the run log."""
+
+    def __init__(self, log: RunLog) -> None:
+        super().__init__(logging.WARNING)
+        self.runlog = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.runlog.info(f"WARNING: {record.getMessage()}")
+
+
+@contextmanager
+def session(cfg: TrainConfig, run: TrainSession | None = None) -> Iterator[TrainSession]:
+    """Open (or reuse) a session: join the process group, open the logs, write the config."""
+    if run is not None:
+        yield run
+        return
+    env = distributed.setup_distributed(cfg.device)
+    if cfg.threads > 0:
+        # Small models on a shared CPU: extra OpenMP threads spin and slow every op down.
+        torch.set_num_threads(cfg.threads)
+    files = RunFiles(Path(cfg.out_dir), PREFIX)
+    log = RunLog(files.log_txt, files.log_jsonl, enabled=env.is_main)
+    handler = WarningsToRunLog(log)
+    logger = logging.getLogger("titan")
+    logger.addHandler(handler)
+    try:
+        if env.is_main:
+            files.folder.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, files.config_json)
+        log.record("config", **dataclasses.asdict(cfg))
+        log.info(f"run on {env.device} × {env.world_size} process(es); outputs in {files.folder.resolve()}")
+        yield TrainSession(cfg, env, log, files, files.folder / cfg.ckpt_dir)
+    finally:
+        logger.removeHandler(handler)
+        distributed.teardown_distributed()
+
+
+def resolved_identity(c: dict) -> dict:
+    """A config (or fold meta) dict with its architecture resolved: arch "" + variant "v42" is
+    "titan-v42"; files from before ``arch`` existed read as titan-<variant>; baselines have variant ""."""
+    out = dict(c)
+    if "variant" in c or "arch" in c:
+        a = resolve_arch(c.get("arch") or "", c.get("variant") or "v42")
+        out.update(arch=a.name, variant=a.variant or "")
+    return out
+
+
+def check_resumable(saved_config: dict, cfg: TrainConfig, names: Sequence[str], where: str) -> None:
+    """Refuse to continue from files made with settings that change what is being trained."""
+    saved, now = resolved_identity(saved_config or {}), resolved_identity(dataclasses.asdict(cfg))
+    diff = {n: (saved.get(n), now[n]) for n in names if n in saved and saved[n] != now[n]}
+    if diff:
+        raise ValueError(f"{where} was made with other settings {diff} (file vs now); "
+                         "use a fresh --out-dir, or delete it to start over")
+
+
+def face_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
+    """{faces_dir}/train and {faces_dir}/test; the train folder must exist."""
+    train, test = Path(cfg.faces_dir) / "train", Path(cfg.faces_dir) / "test"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{train}: face folder not found — run align_faces.py first, or set --faces-dir")
+    return train, test

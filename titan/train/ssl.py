@@ -1,0 +1,95 @@
+"""Stage 1 of training: SimMIM over every train and test face (labels unused) → ``titan_v42_ssl.pth``.
+
+Resumes from the newest complete epoch state; a finished SSL file is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset
+
+from ..checkpoints import read_meta, save_checkpoint
+from ..config import TrainConfig
+from ..data.augment import augment_batch, build_augment
+from ..data.images import ImageIndex
+from ..models.archs import resolve_arch
+from ..models.convnextv2 import build_backbone, keep_stem_highpass
+from ..models.simmim import SimMIM
+from . import distributed, optim, state
+from .epoch import train_one_epoch
+from .session import TrainSession, check_resumable, face_dirs, session
+
+SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio")
+
+
+def ssl_dataset(r: TrainSession) -> ConcatDataset:
+    train_dir, test_dir = face_dirs(r.cfg)
+    dataset = ConcatDataset([r.faces(ImageIndex(d).ids(), d) for d in (train_dir, test_dir) if d.is_dir()])
+    if len(dataset) == 0:
+        raise FileNotFoundError(f"no face images in {train_dir} or {test_dir}")
+    return dataset
+
+
+def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
+    """SimMIM pretraining → the SSL backbone's path (None when SimMIM does not apply or is off).
+
+    The baselines (mobilenetv2, effnet-b3-fpn-cbam) skip it: SimMIM here reconstructs the
+    9-channel ConvNeXt V2 input; they fine-tune from ``init_weights`` or from scratch."""
+    with session(cfg, run) as r:
+        env, log, dev, out_path = r.env, r.log, r.env.device, r.files.ssl_weights
+        arch = resolve_arch(cfg.arch, cfg.variant)
+        if not arch.ssl:
+            log.info(f"NOTICE: {arch.name} takes no SimMIM pretraining (TitanNet only); skipping SSL")
+            return None
+        if cfg.ssl_epochs <= 0:
+            log.info("SSL: --ssl-epochs 0, SimMIM skipped")
+            return None
+        if out_path.is_file() and int(read_meta(out_path).get("epoch", -1)) >= cfg.ssl_epochs:
+            log.info(f"SSL already complete ({out_path}); skipping")
+            return out_path
+        state.seed_everything(cfg.seed + env.rank)  # DDP: each rank its own masks and augmentations
+        dataset = ssl_dataset(r)
+        sampler = distributed.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
+        loader = r.loader(dataset, cfg.batch_size, sampler)
+
+        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path, cfg.stem), cfg.mask_patch, cfg.mask_ratio)
+        raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
+        model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
+        stepper = optim.make_stepper(raw, model, cfg.ssl_lr, cfg.ssl_weight_decay, cfg.ssl_warmup_epochs, cfg.ssl_epochs,
+                                     math.ceil(len(loader) / cfg.accum_steps), cfg, env)
+        if cfg.stem == "highpass":
+            keep_stem_highpass(raw.encoder, stepper.optimizer)
+        aug = build_augment("ssl").to(dev)
+
+        start, loss = 0, float("nan")
+        saved = state.load_latest_state(r.ckpt, "ssl", log.info)
+        if saved is not None:
+            check_resumable(saved.get("config"), cfg, SSL_IDENTITY, f"SSL checkpoint in {r.ckpt}")
+            raw.load_state_dict(saved["model"])
+            stepper.load_state_dict(saved["train"])
+            start, loss = int(saved["epoch"]), float(saved.get("loss", float("nan")))
+            r.restore_rng(saved["rng"], start)
+            log.info(f"SSL: resuming after epoch {start} from {r.ckpt}")
+        log.info(f"SSL: {len(dataset)} images, {len(loader)} batches/epoch of {cfg.batch_size}×{env.world_size}, "
+                 f"accumulation {cfg.accum_steps}, epochs {start + 1}..{cfg.ssl_epochs}")
+
+        for epoch in range(start, cfg.ssl_epochs):
+            sampler.set_epoch(epoch)
+            st = train_one_epoch(model, loader, stepper, env, cfg.amp, lambda b: (augment_batch(aug, r.images(b[0])),),
+                                 lambda m, x: m(x)[0], f"SSL epoch {epoch + 1}")
+            loss = st.loss
+            log.info(f"SSL Ep {epoch + 1} | Loss: {loss:.4f} | LR: {stepper.lr:.1e}")
+            log.record("ssl_epoch", epoch=epoch + 1, loss=loss, lr=stepper.lr, img_s=st.img_s, bad_steps=st.bad_steps)
+            if env.is_main:
+                state.save_train_state(r.ckpt, "ssl", epoch + 1, keep=cfg.keep_checkpoints, model=raw.state_dict(),
+                                       train=stepper.state_dict(), loss=loss, config=dataclasses.asdict(cfg))
+            distributed.barrier(env)
+
+        if env.is_main:
+            save_checkpoint(raw.encoder, out_path, arch=arch.name, variant=arch.variant, img_size=cfg.img_size,
+                            epoch=cfg.ssl_epochs, metrics={"loss": loss}, config=dataclasses.asdict(cfg))
+            log.info(f"SSL done → {out_path}")
+        distributed.barrier(env)
+        return out_path
