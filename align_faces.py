@@ -11,21 +11,14 @@ Outputs: {--output}/{train,test}/{Id}.jpg (size×size; the largest MTCNN face wi
 Re-running skips images already done; --overwrite redoes them. Exit code 1 with --strict if any
 image failed.
 """
-import argparse
 import sys
 
-from titan.config import add_config_args, config_from_args
+from titan.config import parse_config
 from titan.data.align import AlignOptions, run_align
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(p, AlignOptions, presets=None)
-    args = p.parse_args(argv)
-    try:
-        opts = config_from_args(args, AlignOptions, presets=None)
-    except ValueError as e:
-        p.error(str(e))
+    opts = parse_config(AlignOptions, argv, __doc__)
     summaries = run_align(opts)
     return 1 if opts.strict and any(s.failed for s in summaries) else 0
 

@@ -12,24 +12,17 @@ Outputs: train_diamond.csv (Id,target_feature,is_pseudo: original rows, then the
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from titan.config import add_config_args, config_from_args
+from titan.config import parse_config
 from titan.data.labels import LabelCSVError
 from titan.infer.diamonds import DiamondConfig, DiamondError, make_diamonds
 from titan.runlog import RunLog
 
 
 def parse_args(argv=None) -> DiamondConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(p, DiamondConfig, presets=None)
-    args = p.parse_args(argv)
-    try:
-        return config_from_args(args, DiamondConfig, presets=None)
-    except ValueError as e:
-        p.error(str(e))
+    return parse_config(DiamondConfig, argv, __doc__)
 
 
 def main(argv=None) -> int:

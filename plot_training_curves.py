@@ -13,24 +13,17 @@ report.md. Several runs are overlaid with a legend. Exit status 2 when a log has
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 from titan.checkpoints import CheckpointError
-from titan.config import add_config_args, config_from_args
+from titan.config import parse_config
 from titan.report.logparse import LogError
 from titan.report.run_report import ReportOptions, make_report
 
 
 def parse_args(argv=None) -> ReportOptions:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(p, ReportOptions, presets=None)
-    args = p.parse_args(argv)
-    try:
-        return config_from_args(args, ReportOptions, presets=None)
-    except ValueError as e:
-        p.error(str(e))
+    return parse_config(ReportOptions, argv, __doc__)
 
 
 def main(argv=None) -> int:

@@ -12,23 +12,16 @@ Outputs: submission_v42.csv (Id,target_feature; every test Id once, in Id order)
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from titan.config import add_config_args, config_from_args
+from titan.config import parse_config
 from titan.infer.safe import SafeConfig, SafeInferenceError, safe_inference
 from titan.runlog import RunLog
 
 
 def parse_args(argv=None) -> SafeConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(p, SafeConfig, presets=None)
-    args = p.parse_args(argv)
-    try:
-        return config_from_args(args, SafeConfig, presets=None)
-    except ValueError as e:
-        p.error(str(e))
+    return parse_config(SafeConfig, argv, __doc__)
 
 
 def main(argv=None) -> int:

@@ -20,29 +20,19 @@ A rerun resumes: finished stages and folds are skipped, interrupted ones continu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from titan.checkpoints import CheckpointError
-from titan.config import add_config_args, config_from_args
+from titan.config import TrainConfig, parse_config
 from titan.data.labels import LabelCSVError
 from titan.train.optim import NonFiniteLossError
 from titan.train.pipeline import StageOptions, run_stages
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_config_args(parser, StageOptions, presets=None, title="stages")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
+    cfg, stages = parse_config(TrainConfig, argv, __doc__, extra=StageOptions)
     try:
-        stages = config_from_args(args, StageOptions, presets=None).stage_list()
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        run_stages(cfg, stages)
+        run_stages(cfg, stages.stage_list())
     except (FileNotFoundError, LabelCSVError, CheckpointError, NonFiniteLossError, ValueError) as e:
         # Bad input or a refused resume: the message names the file/row and the fix; no traceback.
         print(f"train_v42_diamond.py: error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan import device  # noqa: E402
+from titan.device import amp_dtype, autocast, make_scaler  # noqa: E402
 from titan.train import distributed, optim  # noqa: E402
 from titan.models.convnextv2 import build_backbone  # noqa: E402
 from titan.models.heads import build_head  # noqa: E402
@@ -56,14 +56,14 @@ def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: 
     channels_last = mode == "channels_last"
     model = distributed.prepare_model(raw, env, channels_last=channels_last, compile=mode == "compile")
     opt = optim.make_optimizer(raw, 1e-4, 0.05, device)
-    scaler = device.make_scaler(device, amp)
+    scaler = make_scaler(device, amp)
     x = torch.rand(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.arange(batch, device=device) % 2).float()
 
     def step() -> None:
-        with device.autocast(device, amp):
+        with autocast(device, amp):
             _, loss = model(x, y)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -78,7 +78,7 @@ def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: 
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step
-        with device.autocast(device, amp):
+        with autocast(device, amp):
             _, loss = raw(x, y)
         loss.backward()
     opt.zero_grad(set_to_none=True)
@@ -91,7 +91,7 @@ def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: 
     dt = time.perf_counter() - t0
     tflops = flops * steps / dt / 1e12
     peak = gpu_peak(device, amp)
-    return {"variant": variant, "img_size": size, "mode": mode, "precision": (str(device.amp_dtype(device, amp)).replace("torch.", "") if amp else "fp32"),
+    return {"variant": variant, "img_size": size, "mode": mode, "precision": (str(amp_dtype(device, amp)).replace("torch.", "") if amp else "fp32"),
             "batch": batch, "steps": steps, "images_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps,
             "warmup_s": warm_s, "gflop_per_step": flops / 1e9, "tflops": tflops,
             "peak_fraction": (tflops / peak) if peak else None, "device": device_name(device)}

@@ -55,7 +55,7 @@ def test_rows_are_the_oof_metrics_on_the_same_folds(study):
     oofs = {a: pd.read_csv(study / a / "oof_v42.csv", dtype={"Id": str}).set_index("Id").sort_index() for a in ARCHS}
     assert oofs[ARCHS[0]].fold.equals(oofs[ARCHS[1]].fold)  # same split for every architecture
     for a, oof in oofs.items():
-        r = report(oof.target_feature.to_numpy(), oof.prob.to_numpy())
+        r = binary_metrics(oof.target_feature.to_numpy(), oof.prob.to_numpy())
         assert table.loc[a, "f1"] == pytest.approx(r["f1"]) and table.loc[a, "roc_auc"] == pytest.approx(r["roc_auc"])
         assert table.loc[a, "missed"] == f"{r['missed_fakes']} / {r['n_fakes']}" and r["n_fakes"] == 8
 

@@ -15,10 +15,8 @@ import torch
 from PIL import Image
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
-from titan import device
 from titan.data import labels
-from titan.models import classifier
-from titan.train import distributed, finetune, optim, pipeline, session, ssl, state
+from titan.train import finetune, optim, pipeline
 from titan.runlog import RunLog
 from titan.checkpoints import load_file, load_state_dict
 from titan.config import make_config

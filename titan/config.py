@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 
 @dataclass
@@ -194,6 +194,24 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig, presets: dict | 
     if presets:
         return make_config(cls, args.preset, overrides, presets)
     return apply_overrides(cls(), overrides)
+
+
+def parse_config(cls, argv: Sequence[str] | None = None, doc: str = "", extra: type | None = None):
+    """A script's whole command line: its dataclass ``cls`` (and an ``extra`` one) from ``argv``.
+
+    Bad values exit with argparse's usage error; returns the instance (or the pair with ``extra``)."""
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0], epilog=doc if extra else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets = PRESETS if cls is TrainConfig else None
+    if extra is not None:
+        add_config_args(parser, extra, presets=None)
+    add_config_args(parser, cls, presets=presets)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args, cls, presets=presets)
+        return (cfg, config_from_args(args, extra, presets=None)) if extra is not None else cfg
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:

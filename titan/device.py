@@ -43,6 +43,12 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
 
+def full_precision(device: torch.device):
+    """Autocast off: for ops that must run in fp32 inside an autocast region (the FFT, kornia's
+    colour and JPEG augmentations)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def make_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu",

@@ -29,45 +29,29 @@ class RunFiles:
             raise ValueError(f"unknown fold file part {part!r}; one of {FOLD_PARTS}")
         return self.folder / f"{self.prefix}_{part}_fold{k}.pth"
 
+    def fold_glob(self, part: str = "backbone") -> str:
+        """``{prefix}_{part}_fold*.pth``: the pattern of a fold part's files, for globbing and messages."""
+        return f"{self.prefix}_{part}_fold*.pth"
+
     def fold_numbers(self) -> list[int]:
         """Every k with a ``{prefix}_backbone_fold{k}.pth`` here, ascending."""
         if not self.folder.is_dir():
             return []
         pattern = re.compile(rf"{re.escape(self.prefix)}_backbone_fold(\d+)\.pth")
-        return sorted(int(m.group(1)) for p in self.folder.glob(f"{self.prefix}_backbone_fold*.pth")
+        return sorted(int(m.group(1)) for p in self.folder.glob(self.fold_glob())
                       if (m := pattern.fullmatch(p.name)))
 
-    @property
-    def ssl_weights(self) -> Path:
-        return self.folder / f"titan_{self.prefix}_ssl.pth"
+    def named(self, template: str) -> Path:
+        return self.folder / template.format(prefix=self.prefix)
 
-    @property
-    def log_txt(self) -> Path:
-        return self.folder / f"training_{self.prefix}_log.txt"
-
-    @property
-    def log_jsonl(self) -> Path:
-        return self.folder / f"training_{self.prefix}_log.jsonl"
-
-    @property
-    def config_json(self) -> Path:
-        return self.folder / f"config_{self.prefix}.json"
-
-    @property
-    def oof_csv(self) -> Path:
-        return self.folder / f"oof_{self.prefix}.csv"
-
-    @property
-    def metrics_json(self) -> Path:
-        return self.folder / f"metrics_{self.prefix}.json"
-
-    @property
-    def predictions_csv(self) -> Path:
-        return self.folder / f"predictions_{self.prefix}.csv"
-
-    @property
-    def submission_csv(self) -> Path:
-        return self.folder / f"submission_{self.prefix}.csv"
+    ssl_weights = property(lambda self: self.named("titan_{prefix}_ssl.pth"))
+    log_txt = property(lambda self: self.named("training_{prefix}_log.txt"))
+    log_jsonl = property(lambda self: self.named("training_{prefix}_log.jsonl"))
+    config_json = property(lambda self: self.named("config_{prefix}.json"))
+    oof_csv = property(lambda self: self.named("oof_{prefix}.csv"))
+    metrics_json = property(lambda self: self.named("metrics_{prefix}.json"))
+    predictions_csv = property(lambda self: self.named("predictions_{prefix}.csv"))
+    submission_csv = property(lambda self: self.named("submission_{prefix}.csv"))
 
 
 def fold_number(path: str | os.PathLike) -> int | None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..checkpoints import atomic_write
 from ..config import option
+from ..device import resolve_device
 from .images import ImageDecodeError, ImageIndex, decode_image
 from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
 from ..runlog import RunLog
@@ -318,8 +319,6 @@ def detect_or_fail(detector: FaceDetector, items: list[tuple[int, np.ndarray, np
 
 def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummary]:
     """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
-    from ..device import resolve_device
-
     if opts.format not in ("jpg", "png"):
         raise ValueError(f"--format {opts.format!r}: choose jpg or png")
     if not 1 <= opts.quality <= 100:

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import kornia.augmentation as K
 
+from ..device import full_precision
+
 AUGMENTS = ("finetune", "ssl", "none")
 
 
@@ -55,7 +57,7 @@ def build_augment(kind: str, jpeg_p: float = 0.3, blur_p: float = 0.15) -> nn.Mo
 @torch.no_grad()
 def augment_batch(aug: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply ``aug`` in fp32 (autocast off) and keep the result in [0,1] and in x's memory format."""
-    with torch.autocast(x.device.type, enabled=False):
+    with full_precision(x.device):
         y = aug(x.float()).clamp_(0.0, 1.0)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)

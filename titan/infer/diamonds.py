@@ -121,7 +121,8 @@ def _fold_files(cfg: DiamondConfig):
         if not (cfg.backbones and cfg.heads):
             raise DiamondError("--backbones and --heads go together: give both globs")
         return pair_globs(cfg.backbones, cfg.heads), f"--backbones {cfg.backbones!r} / --heads {cfg.heads!r}"
-    where = f"{Path(cfg.weights_dir) / cfg.prefix}_backbone_fold*.pth + {cfg.prefix}_head_fold*.pth"
+    rf = RunFiles(Path(cfg.weights_dir), cfg.prefix)
+    where = f"{rf.folder / rf.fold_glob()} + {rf.fold_glob('head')}"
     return find_fold_files(cfg.weights_dir, cfg.prefix), where
 
 

@@ -195,7 +195,8 @@ class FoldSet:
         extra = [f for f in files if n_folds is not None and (fold_number(f.backbone) or 0) >= n_folds]
         files = [f for f in files if f not in extra]
         if not files:
-            raise FoldSetError(f"no {prefix}_backbone_fold*.pth with its {prefix}_head_fold*.pth in {folder}")
+            rf = RunFiles(Path(folder), prefix)
+            raise FoldSetError(f"no {rf.fold_glob()} with its {rf.fold_glob('head')} in {folder}")
         fs = cls.load(files, strict, variant, head, RunFiles(Path(folder), prefix))
         fs.skipped += [(f.name, f"{f.backbone}: beyond n_folds={n_folds}") for f in extra]
         return fs

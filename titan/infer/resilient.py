@@ -1,7 +1,7 @@
 """Scoring a folder of test faces with a fold ensemble, without giving up on bad images or CUDA.
 
 - An unreadable image is never a black tensor: it is marked failed (or re-read through a
-  fallback, e.g. a fresh crop of the original) and left out of the forward pass.
+  ``recrop``, e.g. a fresh crop of the original) and left out of the forward pass.
 - CUDA out of memory halves the compute batch and retries the same images; CUDA unusable (or
   dying mid-run) moves the work to CPU copies of the models that were kept aside.
 """
@@ -30,14 +30,14 @@ OK, RECROPPED, FAILED = 0, 1, 2
 class ImagesToScore(Dataset):
     """Test Ids → (uint8 (3,S,S), index, status, reason).
 
-    A crop missing from ``index`` or failing to decode goes to ``fallback(id)`` (an HxWx3 uint8
+    A crop missing from ``index`` or failing to decode goes to ``recrop(id)`` (an HxWx3 uint8
     image) when given; if that fails too the item is FAILED with both reasons and an all-zero
     placeholder that scoring never feeds to a model.
     """
 
     def __init__(self, ids: Sequence[str], index: ImageIndex | None, img_size: int,
-                 fallback: Callable[[str], np.ndarray] | None = None) -> None:
-        self.ids, self.index, self.img_size, self.fallback = list(ids), index, img_size, fallback
+                 recrop: Callable[[str], np.ndarray] | None = None) -> None:
+        self.ids, self.index, self.img_size, self.recrop = list(ids), index, img_size, recrop
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,10 +53,10 @@ class ImagesToScore(Dataset):
             img = self._read(image_id)
         except (ImageDecodeError, FileNotFoundError) as e:
             status, reason, img = FAILED, str(e), None
-            if self.fallback is not None:
+            if self.recrop is not None:
                 try:
-                    img, status = self.fallback(image_id), RECROPPED
-                except Exception as e2:  # noqa: BLE001 — any fallback failure leaves the row failed
+                    img, status = self.recrop(image_id), RECROPPED
+                except Exception as e2:  # noqa: BLE001 — any re-crop failure leaves the row failed
                     reason += f"; re-crop failed: {e2}"
         if img is None:
             x = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
@@ -78,7 +78,7 @@ def is_oom(e: BaseException) -> bool:
 class ResilientPredictor:
     """Per-fold TTA logits for uint8 batches; shrinks the batch on OOM, falls back to CPU."""
 
-    models: list[torch.nn.Module]  # CPU originals, kept for the CPU fallback
+    models: list[torch.nn.Module]  # CPU originals, kept for moving to CPU
     names: list[str]
     device: torch.device
     views: Sequence[str]

@@ -105,7 +105,8 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     views = resolve_tta(cfg.tta)
 
     try:
-        fs = FoldSet.load(find_fold_files(cfg.weights_dir, cfg.prefix), strict=False, run=RunFiles(Path(cfg.weights_dir), cfg.prefix))
+        fs_files = RunFiles(Path(cfg.weights_dir), cfg.prefix)
+        fs = FoldSet.load(find_fold_files(cfg.weights_dir, cfg.prefix), strict=False, run=fs_files)
     except FoldSetError as e:  # folds that disagree: no single ensemble to fall back on
         raise SafeInferenceError(str(e)) from None
     folds, skipped = fs.folds, fs.skipped
@@ -114,7 +115,7 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
         degraded.append(f"fold skipped: {name}")
     if not folds:
         raise SafeInferenceError(
-            f"no usable fold weights in {cfg.weights_dir} ({cfg.prefix}_backbone_fold*.pth + {cfg.prefix}_head_fold*.pth)"
+            f"no usable fold weights in {cfg.weights_dir} ({fs_files.fold_glob()} + {fs_files.fold_glob('head')})"
             + (f"; skipped: {'; '.join(f'{n}: {w}' for n, w in skipped)}" if skipped else "")
             + ". Pass --weights-dir / --prefix.")
     try:
@@ -128,11 +129,11 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     if not ids:
         raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
 
-    fallback = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
+    recrop_original = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
     size_note = fs.img_size[1] if img_size == fs.img_size[0] else f"{img_size} px (--img-size)"
     say(f"{fs.describe()}; input {size_note}; TTA {','.join(views)}; {len(ids)} test Ids")
     try:
-        scores = score_images(folds, ImagesToScore(ids, faces, img_size, fallback), cfg.batch_size, cfg.device,
+        scores = score_images(folds, ImagesToScore(ids, faces, img_size, recrop_original), cfg.batch_size, cfg.device,
                               views, cfg.amp, cfg.num_workers, cfg.progress)
     except Exception as e:  # noqa: BLE001 — reached only when no fold can score at all
         raise SafeInferenceError(f"no fold could score the test images: {type(e).__name__}: {e}") from e

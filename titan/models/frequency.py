@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device import full_precision
+
 SRM_SCALE = 3.0
 FFT_SHIFT, FFT_SCALE = 3.0, 3.0
 
@@ -33,7 +35,7 @@ class FrequencyInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # FFT has no bf16/fp16 kernels worth trusting: the whole transform runs in fp32.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device):
             x = x.float()
             h, w = x.shape[-2:]
             rgb = (x - 0.5) / 0.5

@@ -117,10 +117,11 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
     from .plots import plot_gradcam_gallery
 
     weights_dir = Path(weights_dir)
+    rf = RunFiles(weights_dir, prefix)
     if not find_fold_files(weights_dir, prefix):
-        raise FileNotFoundError(f"--explain: no {prefix}_backbone_fold*.pth with its {prefix}_head_fold*.pth in "
+        raise FileNotFoundError(f"--explain: no {rf.fold_glob()} with its {rf.fold_glob('head')} in "
                                 f"{weights_dir}; point --weights-dir at the trained folds (or --prefix titan)")
-    pred_path = RunFiles(weights_dir, prefix).predictions_csv
+    pred_path = rf.predictions_csv
     if not pred_path.is_file():
         raise FileNotFoundError(f"--explain: {pred_path} not found; it picks the faces to explain "
                                 f"(written by train_v42_diamond.py's inference)")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..runfiles import RunFiles
 from ..runlog import read_jsonl
 
 
@@ -236,9 +237,10 @@ def find_logs(folder: str | os.PathLike, prefix: str = "v42") -> list[Path]:
     ``training_{prefix}_log.jsonl`` / ``.txt`` first; else any ``*log*.jsonl`` / ``*log*.txt``.
     """
     folder = Path(folder)
-    for name in (f"training_{prefix}_log.jsonl", f"training_{prefix}_log.txt"):
-        if (folder / name).is_file():
-            return [folder / name]
+    files = RunFiles(folder, prefix)
+    for path in (files.log_jsonl, files.log_txt):
+        if path.is_file():
+            return [path]
     for pattern in ("*log*.jsonl", "*log*.txt"):
         found = sorted(p for p in folder.glob(pattern) if p.is_file())
         if found:
@@ -296,13 +298,14 @@ def load_run(source: str | os.PathLike, prefix: str = "v42", name: str | None = 
             f"{logs[0]}: no usable lines ({run.n_bad} malformed). Expected JSON records "
             f"(event ssl_epoch / ft_epoch) or lines like 'SSL Ep 3 | Loss: 0.41' and "
             f"'Fold 2 Ep 5 | Loss: 0.21 | Val F1: 0.91 (th=0.43) | …'")
-    run.oof = read_prob_csv(folder / f"oof_{prefix}.csv", ("target_feature", "prob"))
-    run.predictions = read_prob_csv(folder / f"predictions_{prefix}.csv", ("Id", "prob"))
-    run.metrics = read_json(folder / f"metrics_{prefix}.json")
-    run.config = read_json(folder / f"config_{prefix}.json") or run.config
+    files = RunFiles(folder, prefix)
+    run.oof = read_prob_csv(files.oof_csv, ("target_feature", "prob"))
+    run.predictions = read_prob_csv(files.predictions_csv, ("Id", "prob"))
+    run.metrics = read_json(files.metrics_json)
+    run.config = read_json(files.config_json) or run.config
     if not run.has_anything:
-        raise LogError(f"{source}: no training log (training_{prefix}_log.jsonl / .txt) and no "
-                       f"oof_{prefix}.csv / predictions_{prefix}.csv / metrics_{prefix}.json here")
+        raise LogError(f"{source}: no training log ({files.log_jsonl.name} / .txt) and no "
+                       f"{files.oof_csv.name} / {files.predictions_csv.name} / {files.metrics_json.name} here")
     return run
 
 

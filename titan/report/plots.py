@@ -23,7 +23,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..checkpoints import atomic_write  # noqa: E402
 from .logparse import RunRecord  # noqa: E402
-from ..metrics import average_precision, best_f1_threshold, confusion, ranked_counts, roc_auc  # noqa: E402
+from ..metrics import average_precision, confusion, ranked_counts, roc_auc  # noqa: E402
 
 log = logging.getLogger("titan")
 

@@ -31,7 +31,7 @@ from ..models.heads import build_head
 from ..runlog import RunLog
 from . import distributed, optim, state
 from .epoch import predict_logits, train_one_epoch
-from .session import TrainSession, check_resumable, face_dirs, resolved_identity, session
+from .session import TrainSession, face_dirs, resolved_identity, session
 
 # A finished fold whose files were written with other values of these is not reused.
 FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed")
@@ -212,13 +212,9 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int) -> 
     aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
-    saved = state.load_latest_state(r.ckpt, stem, log.info)
+    saved = r.resume(stem, raw, stepper, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}")
     if saved is not None:
-        check_resumable(saved.get("config"), cfg, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}")
-        raw.load_state_dict(saved["model"])
-        stepper.load_state_dict(saved["train"])
         start, best = int(saved["epoch"]), saved["best"]
-        r.restore_rng(saved["rng"], start)
         log.info(f"Fold {k}: resuming after epoch {start}")
     log.info(f"Fold {k}: {len(d.train)} training rows ({int(d.train.is_pseudo.sum())} pseudo), {len(d.val)} validation rows")
 

@@ -94,9 +94,10 @@ class StageOptions:
 
     stages: str = option(",".join(STAGES), "comma-separated stages to run, in pipeline order")
 
-    def stage_list(self) -> list[str]:
-        stages = [s.strip() for s in self.stages.split(",") if s.strip()]
-        bad = [s for s in stages if s not in STAGES]
+    def __post_init__(self) -> None:  # a typo is a usage error before anything runs
+        bad = [s for s in self.stage_list() if s not in STAGES]
         if bad:
             raise ValueError(f"unknown stage(s) {bad}; choose from {','.join(STAGES)}")
-        return stages
+
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]

@@ -58,6 +58,17 @@ class TrainSession:
             x = decode_on_device(x, self.cfg.img_size, self.env.device)
         return to_float_image(x, self.env.device, self.channels_last)
 
+    def resume(self, stem: str, raw: torch.nn.Module, stepper, identity: Sequence[str], where: str) -> dict | None:
+        """Load the newest complete ``{stem}_ep{N}.pth`` into ``raw`` and ``stepper`` and restore the RNG
+        streams → the saved state (None when there is none). Settings in ``identity`` must match."""
+        saved = state.load_latest_state(self.ckpt, stem, self.log.info)
+        if saved is not None:
+            check_resumable(saved.get("config"), self.cfg, identity, where)
+            raw.load_state_dict(saved["model"])
+            stepper.load_state_dict(saved["train"])
+            self.restore_rng(saved["rng"], int(saved["epoch"]))
+        return saved
+
     def restore_rng(self, rng: dict, epoch: int) -> None:
         """Resume rank 0's saved RNG streams; other ranks reseed from (seed, rank, epoch) so they stay distinct."""
         state.set_rng_state(rng)

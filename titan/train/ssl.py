@@ -19,7 +19,7 @@ from ..models.convnextv2 import build_backbone, keep_stem_highpass
 from ..models.simmim import SimMIM
 from . import distributed, optim, state
 from .epoch import train_one_epoch
-from .session import TrainSession, check_resumable, face_dirs, session
+from .session import TrainSession, face_dirs, session
 
 SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio")
 
@@ -64,13 +64,9 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         aug = build_augment("ssl").to(dev)
 
         start, loss = 0, float("nan")
-        saved = state.load_latest_state(r.ckpt, "ssl", log.info)
+        saved = r.resume("ssl", raw, stepper, SSL_IDENTITY, f"SSL checkpoint in {r.ckpt}")
         if saved is not None:
-            check_resumable(saved.get("config"), cfg, SSL_IDENTITY, f"SSL checkpoint in {r.ckpt}")
-            raw.load_state_dict(saved["model"])
-            stepper.load_state_dict(saved["train"])
             start, loss = int(saved["epoch"]), float(saved.get("loss", float("nan")))
-            r.restore_rng(saved["rng"], start)
             log.info(f"SSL: resuming after epoch {start} from {r.ckpt}")
         log.info(f"SSL: {len(dataset)} images, {len(loader)} batches/epoch of {cfg.batch_size}×{env.world_size}, "
                  f"accumulation {cfg.accum_steps}, epochs {start + 1}..{cfg.ssl_epochs}")

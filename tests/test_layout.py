@@ -1,0 +1,80 @@
+"""One owner per concept: each question is answered in one module, and the others ask it.
+
+These read the source, so a second answer written anywhere else fails here by name.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TITAN = ROOT / "titan"
+SCRIPTS = ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "safe_inference.py", "plot_training_curves.py"]
+
+
+def sources(*exclude: str) -> dict[str, str]:
+    out = {}
+    for p in sorted(TITAN.rglob("*.py")):
+        rel = p.relative_to(ROOT).as_posix()
+        if rel not in exclude:
+            out[rel] = p.read_text()
+    return out
+
+
+@pytest.mark.parametrize("pattern, owner", [
+    (r"torch\.autocast\(|GradScaler\(|is_bf16_supported\(|cudnn\.benchmark", "titan/device.py"),
+    (r"isdigit\(\)", "titan/data/labels.py"),  # the Id order
+    (r"def (?!plot_)\w*threshold\w*\(", "titan/infer/folds.py|titan/metrics.py|titan/report/logparse.py"),
+])
+def test_a_question_is_answered_in_its_owner_only(pattern, owner):
+    owners = owner.split("|")
+    found = [f for f, text in sources(*owners).items() if re.search(pattern, text)]
+    assert not found, f"{pattern!r} belongs in {owner}, also found in {found}"
+
+
+def test_run_file_names_are_built_in_runfiles_only():
+    name = re.compile(r"_(backbone|head|meta)_fold|(predictions|submission|metrics|oof|config)_\{|training_\{|_ssl\.pth")
+    found = []
+    for f, text in sources("titan/runfiles.py").items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.JoinedStr) and name.search(ast.unparse(node)):
+                found.append(f"{f}:{node.lineno}")
+    assert not found, f"file names built outside titan/runfiles.py: {found}"
+
+
+def test_stage_scripts_take_their_flags_from_a_dataclass():
+    for script in SCRIPTS:
+        text = (ROOT / script).read_text()
+        assert "parse_config(" in text and "argparse" not in text, script
+
+
+def test_nothing_in_titan_reads_the_command_line_except_the_demo_entry_points():
+    for f, text in sources("titan/config.py", "titan/demo/dataset.py", "titan/demo/run.py").items():
+        assert "sys.argv" not in text and "ArgumentParser(" not in text, f
+
+
+def test_no_function_in_the_training_loops_is_over_sixty_lines():
+    for p in (TITAN / "train").glob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 62, f"{p.name}:{node.name} is {node.end_lineno - node.lineno + 1} lines"
+
+
+def test_the_backbone_does_not_know_simmim():
+    text = (TITAN / "models" / "convnextv2.py").read_text()
+    assert "mask_token" not in text and "simmim" not in text.lower()
+
+
+def test_ssl_and_fine_tuning_share_one_epoch_function():
+    for stage in ("ssl.py", "finetune.py"):
+        text = (TITAN / "train" / stage).read_text()
+        assert "train_one_epoch(" in text and ".backward(" not in text, stage
+
+
+def test_every_module_has_a_docstring_saying_what_it_owns():
+    for f, text in sources().items():
+        tree = ast.parse(text)
+        assert ast.get_docstring(tree), f"{f} has no module docstring"
