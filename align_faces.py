@@ -15,12 +15,18 @@ import sys
 
 from titan.config import parse_config
 from titan.data.align import AlignOptions, run_align
+from titan.data.images import ImageDecodeError
+from titan.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_config(AlignOptions, argv, __doc__)
-    summaries = run_align(opts)
-    return 1 if opts.strict and any(s.failed for s in summaries) else 0
+
+    def align() -> int:
+        summaries = run_align(opts)
+        return 1 if opts.strict and any(s.failed for s in summaries) else 0
+
+    return run_command("align_faces.py", align, (FileNotFoundError, ValueError, ImageDecodeError), opts.debug)
 
 
 if __name__ == "__main__":

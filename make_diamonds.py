@@ -17,6 +17,7 @@ from pathlib import Path
 
 from titan.config import parse_config
 from titan.data.labels import LabelCSVError
+from titan.errors import run_command
 from titan.infer.diamonds import DiamondConfig, DiamondError, make_diamonds
 from titan.runlog import RunLog
 
@@ -28,12 +29,8 @@ def parse_args(argv=None) -> DiamondConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     out = Path(cfg.out)
-    try:
-        make_diamonds(cfg, RunLog(out.with_name(out.stem + "_log.txt")))
-    except (DiamondError, LabelCSVError) as e:
-        print(f"make_diamonds: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("make_diamonds.py", lambda: make_diamonds(cfg, RunLog(out.with_name(out.stem + "_log.txt"))),
+                       (DiamondError, LabelCSVError), cfg.debug)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 
 from titan.checkpoints import CheckpointError
 from titan.config import parse_config
+from titan.errors import run_command
 from titan.report.logparse import LogError
 from titan.report.run_report import ReportOptions, make_report
 
@@ -29,13 +30,15 @@ def parse_args(argv=None) -> ReportOptions:
 def main(argv=None) -> int:
     opts = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def report() -> int:
         written = make_report(opts)
-    except (LogError, CheckpointError, OSError, ValueError, RuntimeError) as e:  # bad input: say so, exit 2
-        print(f"plot_training_curves.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written)} file(s) to {opts.out}: {', '.join(written)}")
-    return 0
+        print(f"wrote {len(written)} file(s) to {opts.out}: {', '.join(written)}")
+        return 0
+
+    # Bad input (a log with no usable line, unreadable weights, no test faces …): one line, exit 2.
+    return run_command("plot_training_curves.py", report,
+                       (LogError, CheckpointError, FileNotFoundError, ValueError, RuntimeError), opts.debug)
 
 
 if __name__ == "__main__":

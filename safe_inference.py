@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from titan.config import parse_config
+from titan.errors import run_command
 from titan.infer.safe import SafeConfig, SafeInferenceError, safe_inference
 from titan.runlog import RunLog
 
@@ -26,12 +27,9 @@ def parse_args(argv=None) -> SafeConfig:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    try:
-        safe_inference(cfg, RunLog(Path(cfg.out).with_name("safe_inference_log.txt")))
-    except SafeInferenceError as e:
-        print(f"safe_inference: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("safe_inference.py",
+                       lambda: safe_inference(cfg, RunLog(Path(cfg.out).with_name("safe_inference_log.txt"))),
+                       (SafeInferenceError,), cfg.debug)
 
 
 if __name__ == "__main__":

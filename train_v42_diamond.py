@@ -25,19 +25,16 @@ import sys
 from titan.checkpoints import CheckpointError
 from titan.config import TrainConfig, parse_config
 from titan.data.labels import LabelCSVError
+from titan.errors import run_command
 from titan.train.optim import NonFiniteLossError
 from titan.train.pipeline import StageOptions, run_stages
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, stages = parse_config(TrainConfig, argv, __doc__, extra=StageOptions)
-    try:
-        run_stages(cfg, stages.stage_list())
-    except (FileNotFoundError, LabelCSVError, CheckpointError, NonFiniteLossError, ValueError) as e:
-        # Bad input or a refused resume: the message names the file/row and the fix; no traceback.
-        print(f"train_v42_diamond.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    cfg, opts = parse_config(TrainConfig, argv, __doc__, extra=StageOptions)
+    # Bad input or a refused resume: the message names the file/row and the fix; no traceback.
+    return run_command("train_v42_diamond.py", lambda: run_stages(cfg, opts.stage_list()),
+                       (FileNotFoundError, LabelCSVError, CheckpointError, NonFiniteLossError, ValueError), opts.debug)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def test_fold_set_reads_each_fold_once_with_its_metadata(tmp_path, monkeypatch):
     write_v42_folds(tmp_path, n=2)
     calls = []
     real = folds.load_file
-    monkeypatch.setattr(folds, "load_file", lambda p: calls.append(Path(p).name) or real(p))
+    monkeypatch.setattr(folds, "load_file", lambda p, **kw: calls.append(Path(p).name) or real(p, **kw))
     fs = FoldSet.from_folder(tmp_path)
     assert sorted(calls) == sorted(f"v42_{part}_fold{k}.pth" for part in ("backbone", "head", "meta") for k in (0, 1))
     assert fs.img_size[0] == SIZE and fs.arch == "titan-atto" and fs.head == "linear"

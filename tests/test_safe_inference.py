@@ -12,7 +12,8 @@ from fold_fixtures import SIZE, copy_files, write_images, write_v42_folds
 from titan.data.images import square_resize
 from titan.models.classifier import FoldModel
 from titan.infer.tta import ensemble_probability, tta_logits
-from titan.infer.safe import SafeConfig, SafeInferenceError, prior_decision, recrop, safe_inference as run
+from titan.infer.safe import SafeConfig, SafeInferenceError, recrop, safe_inference as run
+from titan.infer.submission import prior_decision
 
 GREYS = {"s_a": 20, "s_b": 90, "s_c": 160, "s_d": 230, "s_e": 120, "s_f": 60}
 

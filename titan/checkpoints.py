@@ -7,9 +7,12 @@ dicts, possibly nested under ``"model"``/``"state_dict"`` and prefixed by ``modu
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,10 +28,16 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves half a file."""
+    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves half a file.
+
+    An OSError names ``path``; a writer that fails on a full disk with its own error (torch's zip
+    writer says "unexpected pos") is reported as the disk-full OSError it is."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(e.filename or path)) from e
     os.close(fd)
     # mkstemp makes the file private (0600); give the result the user's normal file mode.
     umask = os.umask(0)
@@ -39,11 +48,22 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        if isinstance(e, Exception) and _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     return path
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def atomic_json(obj: Any, path: str | os.PathLike) -> Path:
@@ -66,15 +86,30 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     return save_atomic({"model": sd, "meta": dict(meta)}, path)
 
 
-def load_file(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True, errors naming the file and the reason."""
+def _numpy_float_types() -> list:
+    """What a numpy float threshold pickles to (the original saved ``np.linspace``'s float64)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return [scalar, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+
+
+def load_file(path: str | os.PathLike, numpy_scalars: bool = False) -> Any:
+    """torch.load with weights_only=True, errors naming the file and the reason.
+
+    ``numpy_scalars`` also allows numpy float64/float32 scalars (and nothing else): meta files
+    written by the original project hold its threshold as one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty (an interrupted copy or save?)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_float_types()) if numpy_scalars else nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused — it holds objects other than tensors and plain containers, which "

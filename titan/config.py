@@ -70,6 +70,7 @@ class TrainConfig:
     threads: int = 0               # CPU intra-op threads (0 = torch's default)
     init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
     force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
+    raw_test_dir: str = "data/dataset/test_images"  # the test set: its images (else the test face crops) get a row each
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -97,6 +98,13 @@ def option(default: Any = MISSING, help: str = "", *, flag: str = "", switch: bo
     ``choices``; ``positional`` for a list of positional arguments."""
     meta = {"help": help, "flag": flag, "switch": switch, "choices": choices, "positional": positional}
     return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+@dataclass
+class ScriptOptions:
+    """Flags every stage script has."""
+
+    debug: bool = option(False, "on an error, print the full traceback as well as the one-line message", switch=True)
 
 
 def _default(f) -> Any:

@@ -52,6 +52,7 @@ class RunFiles:
     metrics_json = property(lambda self: self.named("metrics_{prefix}.json"))
     predictions_csv = property(lambda self: self.named("predictions_{prefix}.csv"))
     submission_csv = property(lambda self: self.named("submission_{prefix}.csv"))
+    submission_issues_csv = property(lambda self: self.named("submission_{prefix}_issues.csv"))
 
 
 def fold_number(path: str | os.PathLike) -> int | None:

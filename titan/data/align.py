@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import time
 import zlib
@@ -22,12 +23,13 @@ from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from ..checkpoints import atomic_write
-from ..config import option
+from ..checkpoints import atomic_json, atomic_write
+from ..config import ScriptOptions, option
 from ..device import resolve_device
-from .images import ImageDecodeError, ImageIndex, decode_image
+from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
 from ..runlog import RunLog
 
@@ -38,11 +40,13 @@ except ImportError:  # pragma: no cover - single process only
 
 MANIFEST_COLUMNS = ["Id", "source", "status", "prob", "box_x1", "box_y1", "box_x2", "box_y2", "n_faces", "error"]
 STATUSES = ("face", "fallback", "failed")
+SETTINGS_JSON = "align_settings.json"  # the settings the folder's crops were made with
+CROP_SETTINGS = ("size", "margin", "format", "quality", "min_prob", "max_side")  # what changes a crop
 DONE = ("face", "fallback")
 
 
 @dataclass
-class AlignOptions:
+class AlignOptions(ScriptOptions):
     """align_faces.py's flags."""
 
     input: str = option("data/dataset", "dataset folder holding {split}_images/")
@@ -61,6 +65,7 @@ class AlignOptions:
     strict: bool = option(False, "exit 1 if any image failed", switch=True)
     max_side: int = option(1024, "shrink larger images for detection only")
     min_prob: float = option(0.9, "ignore faces the detector scores below this")
+    max_pixels: int = option(MAX_PIXELS, "refuse (as failed, by name) images with more pixels than this; 0 = no limit")
 
 
 @dataclass
@@ -71,6 +76,7 @@ class SplitSummary:
     face: int = 0
     fallback: int = 0
     failed: int = 0
+    stale: int = 0      # crops moved to stale/: their original is gone
     seconds: float = 0.0
 
     @property
@@ -154,19 +160,50 @@ class Manifest:
                 f.flush()
                 os.fsync(f.fileno())
 
+    @property
+    def settings_path(self) -> Path:
+        return self.path.with_name(SETTINGS_JSON)
+
+    def settle(self, settings: dict[str, Any], size: int) -> dict[str, tuple]:
+        """Make the rows mean "done with ``settings``": when the folder's crops were made with other
+        settings every row is forgotten (→ redone); a folder from before settings were recorded
+        keeps only crops of the right side. Returns what changed (setting → (then, now))."""
+        with self._locked():
+            saved = json.loads(self.settings_path.read_text()) if self.settings_path.is_file() else None
+            changed: dict[str, tuple] = {}
+            if saved is not None and saved != settings:
+                changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+                self.path.unlink(missing_ok=True)
+            elif saved is None and self.path.is_file():
+                rows, crops = self.read(), ImageIndex(self.path.parent)
+                wrong = {i for i, r in rows.items() if r["status"] in DONE and _side(crops, i) not in (None, size)}
+                if wrong:
+                    changed = {"size": ("other", size)}
+                    self._rewrite({i: r for i, r in rows.items() if i not in wrong})
+            if saved != settings:
+                atomic_json(settings, self.settings_path)
+        return changed
+
+    def drop(self, ids: set[str]) -> None:
+        """Forget the rows of these Ids (their crops were moved away)."""
+        with self._locked():
+            self._rewrite({i: r for i, r in self.read().items() if i not in ids})
+
+    def _rewrite(self, rows: dict[str, dict[str, str]]) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, MANIFEST_COLUMNS, lineterminator="\n")
+                w.writeheader()
+                for k in sorted(rows):
+                    w.writerow(rows[k])
+
+        atomic_write(self.path, write)
+
     def compact(self) -> int:
         """Rewrite atomically: one row per Id, sorted by Id. Returns the number of rows."""
         with self._locked():
             rows = self.read()
-
-            def write(tmp: str) -> None:
-                with open(tmp, "w", newline="", encoding="utf-8") as f:
-                    w = csv.DictWriter(f, MANIFEST_COLUMNS, lineterminator="\n")
-                    w.writeheader()
-                    for k in sorted(rows):
-                        w.writerow(rows[k])
-
-            atomic_write(self.path, write)
+            self._rewrite(rows)
         return len(rows)
 
 
@@ -178,10 +215,10 @@ def manifest_row(image_id: str, source: Path, status: str, det: Detection = NO_F
 
 # --- decode (loader workers) and write (writer pool) ------------------------------------------
 
-def _decode(path: Path, max_side: int) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+def _decode(path: Path, max_side: int, max_pixels: int) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """(image, detection input, "") or (None, None, reason) — runs in a loader thread."""
     try:
-        img = decode_image(path)
+        img = decode_image(path, max_pixels)
     except ImageDecodeError as e:
         return None, None, e.reason
     return img, shrink_for_detection(img, max_side), ""
@@ -231,6 +268,35 @@ def _write_crop(img: np.ndarray, det: Detection, out_path: Path, opts: AlignOpti
 
 # --- the run ----------------------------------------------------------------------------------
 
+def _side(crops: ImageIndex, image_id: str) -> int | None:
+    """The side of an existing square crop (header only; -1 if not square or unreadable), None when there is none."""
+    if image_id not in crops:
+        return None
+    try:
+        with Image.open(crops.path(image_id)) as im:
+            return im.width if im.width == im.height else -1
+    except OSError:
+        return -1
+
+
+def move_stale(index: ImageIndex, out_dir: Path, manifest: Manifest, log: RunLog, split: str) -> list[str]:
+    """Crops whose original is gone are moved to ``{out_dir}/stale/`` (nothing is deleted) and
+    their rows dropped, so the next stages never read them. Returns their Ids."""
+    if not out_dir.is_dir():
+        return []
+    crops = ImageIndex(out_dir)
+    stale = sorted(i for i in crops.ids() if i not in index)
+    if not stale:
+        return []
+    (out_dir / "stale").mkdir(exist_ok=True)
+    for i in stale:
+        os.replace(crops.path(i), out_dir / "stale" / crops.path(i).name)
+    manifest.drop(set(stale))
+    log.info(f"{split}: {len(stale)} crop(s) whose original is no longer in {index.folder} moved to {out_dir / 'stale'}: "
+             f"{stale[:10]}{' …' if len(stale) > 10 else ''}")
+    return stale
+
+
 def plan_split(index: ImageIndex, out_dir: Path, opts: AlignOptions) -> tuple[list[str], list[str]]:
     """(Ids of this shard, Ids still to do): done = crop on disk and a face/fallback row."""
     ids = [i for i in index.ids() if in_shard(i, parse_shard(opts.shard))]
@@ -242,16 +308,23 @@ def plan_split(index: ImageIndex, out_dir: Path, opts: AlignOptions) -> tuple[li
 
 
 def align_split(detector: FaceDetector, src_dir: Path, out_dir: Path, split: str, opts: AlignOptions, log: RunLog) -> SplitSummary:
-    index = ImageIndex(src_dir)
+    index = ImageIndex(src_dir, probe_unknown=True)
+    if index.ignored:
+        log.info(f"{split}: {len(index.ignored)} file(s) in {src_dir} are not images PIL recognises, ignored: "
+                 f"{[p.name for p in index.ignored[:10]]}")
+    manifest = Manifest(out_dir / "manifest.csv")
+    stale = move_stale(index, out_dir, manifest, log, split) if parse_shard(opts.shard)[0] == 0 else []
+    changed = manifest.settle({k: getattr(opts, k) for k in CROP_SETTINGS}, opts.size) if not opts.overwrite else {}
+    if changed:
+        log.info(f"{split}: crop settings changed since the crops in {out_dir} were made {changed}: redoing them")
     ids, todo = plan_split(index, out_dir, opts)
-    summary = SplitSummary(split, total=len(ids), skipped=len(ids) - len(todo))
+    summary = SplitSummary(split, total=len(ids), skipped=len(ids) - len(todo), stale=len(stale))
     log.info(f"{split}: {len(ids)} images in {src_dir} (shard {opts.shard}), {summary.skipped} already done, {len(todo)} to do → {out_dir}")
     if not todo:
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out_dir / "manifest.csv")
     paths = [index.path(i) for i in todo]
-    loader = prefetch(partial(_decode, max_side=detector.max_side), paths, opts.workers, depth=2 * detector.batch_size + 4)
+    loader = prefetch(partial(_decode, max_side=detector.max_side, max_pixels=opts.max_pixels), paths, opts.workers, depth=2 * detector.batch_size + 4)
     bar = tqdm(total=len(todo), desc=f"align {split}", unit="img", dynamic_ncols=True)
     max_pending = 4 * detector.batch_size
     pending: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
@@ -341,7 +414,7 @@ def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummar
     summaries = []
     for split in splits:
         s = align_split(detector, sources[split], out_root / split, split, opts, log)
-        log.info(f"{split}: {s.face} face, {s.fallback} fallback, {s.failed} failed, {s.skipped} skipped "
+        log.info(f"{split}: {s.face} face, {s.fallback} fallback, {s.failed} failed, {s.stale} stale, {s.skipped} skipped "
                  f"(already done) in {s.seconds:.1f}s — {s.img_s:.1f} images/s")
         log.record("align_summary", **asdict(s), img_s=s.img_s)
         summaries.append(s)

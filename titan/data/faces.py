@@ -48,19 +48,26 @@ class FaceDetector:
 
         self.device = torch.device(device)
         self.batch_size = batch_size or AUTO_BATCH.get(self.device.type, 8)
-        self.max_side, self.min_prob = max_side, min_prob
+        self.max_side, self.min_prob, self.min_face_size = max_side, min_prob, min_face_size
         self.mtcnn = MTCNN(keep_all=True, select_largest=True, min_face_size=min_face_size, device=self.device).eval()
 
     def detection_input(self, img: np.ndarray) -> np.ndarray:
         return shrink_for_detection(img, self.max_side)
 
     def detect(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray] | None = None) -> list[Detection]:
-        """Detect in every image; ``small`` = precomputed ``detection_input`` of each (optional)."""
+        """Detect in every image; ``small`` = precomputed ``detection_input`` of each (optional).
+
+        An image (as MTCNN sees it) narrower than the smallest face it looks for holds no face:
+        it gets NO_FACE, so the centre crop, without running MTCNN (which fails on 1×1 or
+        20000×100 images instead of answering)."""
         small = list(small) if small is not None else [self.detection_input(im) for im in images]
         buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, s in enumerate(small):
-            buckets[s.shape].append(i)
         out: list[Detection | None] = [None] * len(images)
+        for i, s in enumerate(small):
+            if min(s.shape[:2]) < self.min_face_size:
+                out[i] = NO_FACE
+            else:
+                buckets[s.shape].append(i)
         for idx in buckets.values():
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]

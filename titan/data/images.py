@@ -14,7 +14,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .labels import check_id
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# Listed by extension (preferred first when two files share a stem). With ``probe_unknown`` a
+# file with any other extension counts too when PIL recognises its header.
+IMAGE_EXTS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
+              ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2")
+# Larger images are refused by name rather than decoded into gigabytes (align_faces.py --max-pixels).
+MAX_PIXELS = 100_000_000
 
 
 class ImageDecodeError(OSError):
@@ -28,21 +33,28 @@ class ImageDecodeError(OSError):
 # --- finding images ---------------------------------------------------------------------------
 
 class ImageIndex:
-    """Map Id → image path in one folder, any common extension (``.jpg`` preferred)."""
+    """Map Id (file stem) → image path in one folder: any extension of ``IMAGE_EXTS`` (``.jpg``
+    preferred), and with ``probe_unknown`` any other file whose header PIL recognises; other
+    files are listed in ``ignored``."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, probe_unknown: bool = False) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder}: image folder not found")
         rank = {e: i for i, e in enumerate(IMAGE_EXTS)}
         best: dict[str, tuple[int, Path]] = {}
+        self.ignored: list[Path] = []
         with os.scandir(self.folder) as it:
             for entry in it:
                 stem, ext = os.path.splitext(entry.name)
-                r = rank.get(ext.lower())
-                if r is None or stem.startswith(".") or not entry.is_file():
+                if stem.startswith(".") or not entry.is_file():
                     continue
-                if stem not in best or r < best[stem][0]:
+                r = rank.get(ext.lower())
+                if r is None and probe_unknown and _pil_recognises(entry.path):
+                    r = len(IMAGE_EXTS)
+                if r is None:
+                    self.ignored.append(Path(entry.path))
+                elif stem not in best or r < best[stem][0]:
                     best[stem] = (r, Path(entry.path))
         self.paths = {k: v for k, (_, v) in best.items()}
 
@@ -63,6 +75,14 @@ class ImageIndex:
             raise FileNotFoundError(f"no image for Id {image_id!r} in {self.folder} (tried {', '.join(IMAGE_EXTS)})") from None
 
 
+def _pil_recognises(path: str) -> bool:
+    try:
+        with Image.open(path):  # reads the header only
+            return True
+    except Exception:  # noqa: BLE001 — anything PIL cannot identify is not an image
+        return False
+
+
 # --- decoding ---------------------------------------------------------------------------------
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -80,16 +100,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike) -> np.ndarray:
+def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Decode any PIL-readable image → (H,W,3) uint8 RGB, EXIF orientation applied.
 
-    Decoding happens inside the try (``load()``), so a truncated file fails here, by name.
+    Decoding happens inside the try (``load()``), so a truncated file fails here, by name. An
+    image of more than ``max_pixels`` (default ``MAX_PIXELS``) is refused from its header, before
+    any pixel is decoded.
     """
     path = Path(path)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(path, "file is empty (0 bytes)")
         with Image.open(path) as img:
+            if limit and img.width * img.height > limit:
+                raise ImageDecodeError(path, f"{img.width}×{img.height} = {img.width * img.height:,} pixels, above the "
+                                             f"limit of {limit:,} (align_faces.py --max-pixels raises it)")
             img.load()
             img = ImageOps.exif_transpose(img)
             arr = np.asarray(_to_rgb(img))
@@ -99,7 +125,9 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageDecodeError(path, "file not found") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image format PIL recognises") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(path, f"decompression bomb refused ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageDecodeError(path, f"unexpected decoded shape {arr.shape}")

@@ -79,6 +79,8 @@ def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None
     for col, aliases in ((id_col, ID_ALIASES), (y_col, LABEL_ALIASES)):
         if col is None:
             raise LabelCSVError(f"{csv_path}: missing column — need one of {list(aliases)}, found {list(df.columns)}")
+    if len(df) == 0:
+        raise LabelCSVError(f"{csv_path}: no label rows (only a header); add one row per training image: Id,target_feature")
     line = lambda i: f"{csv_path} line {i + 2}: "  # noqa: E731
     ids = [check_id(s.strip(), line(i)) for i, s in enumerate(df[id_col])]
     labels = []

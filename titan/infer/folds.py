@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from ..models.heads import build_head, head_of
 from ..runfiles import RunFiles, fold_number
 
 DEFAULT_IMG_SIZE = 512
+log = logging.getLogger("titan")
 
 
 class FoldSetError(CheckpointError):
@@ -93,10 +95,18 @@ class Fold:
     files: FoldFiles
     threshold: float | None = None
     meta: dict = field(default_factory=dict)  # plain values; always has arch, variant, head
+    notes: list[str] = field(default_factory=list)  # what was given up while loading it
 
 
 def _plain(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
+    """Plain values only (numpy scalars of the original's meta files become floats)."""
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, (int, float, str, bool)):
+            out[k] = v
+        elif isinstance(v, np.floating):
+            out[k] = float(v)
+    return out
 
 
 def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = None, arch: str | None = None) -> Fold:
@@ -107,9 +117,14 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
     bsd = unwrap_state_dict(bobj, str(files.backbone))
     hsd = unwrap_state_dict(load_file(files.head), str(files.head))
     meta = dict(bobj["meta"]) if isinstance(bobj, dict) and isinstance(bobj.get("meta"), dict) else {}
+    notes = []
     if files.meta is not None and files.meta.is_file():
-        obj = load_file(files.meta)
-        meta.update(obj if isinstance(obj, dict) else {})
+        try:
+            obj = load_file(files.meta, numpy_scalars=True)
+            meta.update(obj if isinstance(obj, dict) else {})
+        except CheckpointError as e:  # a refused meta file costs its threshold, never the fold
+            notes.append(f"{files.name}: meta file ignored, no threshold of its own ({e})")
+            log.warning("%s", notes[-1])
     arch = arch or meta.get("arch") or ""
     head = head or head_of(hsd)
     if arch and not parse_arch(arch).variant:  # a baseline: its layout is named, not inferred
@@ -120,7 +135,7 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
     head_mod = load_into(build_head(head, backbone.num_features), hsd)
     th = meta.get("th", meta.get("threshold"))
     return Fold(files.name, FoldModel(backbone, head_mod).eval(), files, float(th) if th is not None else None,
-                {**_plain(meta), "arch": arch, "variant": variant, "head": head})
+                {**_plain(meta), "arch": arch, "variant": variant, "head": head}, notes)
 
 
 def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Sequence[float | None] = (),
@@ -216,6 +231,11 @@ class FoldSet:
         recorded._agreed("input size", lambda f: f"{_size(f)} px")
 
     # --- what the set decides -------------------------------------------------------------------
+
+    @property
+    def notes(self) -> list[str]:
+        """What was given up while loading (e.g. a refused meta file's threshold)."""
+        return [n for f in self.folds for n in f.notes]
 
     @property
     def names(self) -> list[str]:

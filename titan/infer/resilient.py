@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import option
+from ..config import ScriptOptions, option
 from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
 from .folds import Fold
 from .tta import predict_batches
@@ -228,7 +228,7 @@ def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int 
 
 
 @dataclass
-class ScoringOptions:
+class ScoringOptions(ScriptOptions):
     """The flags of every script that scores test faces with a fold set."""
 
     weights_dir: str = option(".", "folder holding the fold weights")

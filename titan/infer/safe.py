@@ -19,12 +19,11 @@ from ..checkpoints import atomic_write
 from ..config import option
 from ..data.faces import crop_face
 from ..data.images import ImageIndex, decode_image
-from ..data.labels import id_order
 from ..runfiles import RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
 from .resilient import FAILED, RECROPPED, ImagesToScore, ScoringOptions, score_images
-from .submission import decide, in_id_order, write_submission
+from .submission import fill_unscored, in_id_order, test_set, write_submission
 from .tta import ensemble_probability, parse_tta
 
 TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
@@ -77,22 +76,9 @@ def resolve_tta(spec: str) -> list[str]:
     return parse_tta(TTA_PRESETS.get(spec, spec))
 
 
-def prior_decision(pred: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[int, str]:
-    """The label for a row the ensemble could not see: the majority of its decisions on the other
-    rows; on a tie, the threshold applied to their mean probability; with no other rows, 0."""
-    if len(pred) == 0:
-        return 0, "no image could be scored: real (0) by default"
-    n1 = int(pred.sum())
-    n0 = len(pred) - n1
-    if n1 != n0:
-        return int(n1 > n0), f"majority of {len(pred)} predictions ({n1} fake / {n0} real)"
-    label = int(float(np.mean(probs)) >= threshold)
-    return label, f"tie in predictions: mean probability {np.mean(probs):.3f} vs threshold {threshold:.3f}"
-
-
-def _index_or_none(folder: str, degraded: list[str], what: str) -> ImageIndex | None:
+def _index_or_none(folder: str, degraded: list[str], what: str, probe_unknown: bool = False) -> ImageIndex | None:
     try:
-        return ImageIndex(folder)
+        return ImageIndex(folder, probe_unknown)
     except FileNotFoundError:
         degraded.append(f"{what} folder {folder} not found")
         return None
@@ -124,8 +110,8 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
         raise SafeInferenceError(str(e)) from None
 
     faces = _index_or_none(cfg.test_dir, degraded, "face-crop")
-    raw = _index_or_none(cfg.raw_test_dir, [], "original")
-    ids = id_order(set(faces.ids() if faces else []) | set(raw.ids() if raw else []))
+    raw = _index_or_none(cfg.raw_test_dir, [], "original", probe_unknown=True)
+    ids = test_set(cfg.raw_test_dir, faces, say)
     if not ids:
         raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
 
@@ -148,32 +134,24 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     probs = np.full(len(ids), np.nan)
     if ok.any():
         probs[ok] = ensemble_probability(scores.logits[:, ok])
-    labels = np.zeros(len(ids), dtype=np.int64)
-    labels[ok] = decide(probs[ok], th)
-    prior, prior_why = prior_decision(labels[ok], probs[ok], th)
-    failed = np.flatnonzero(~ok)
-    labels[failed] = prior
-
-    issues = []
-    for i in np.flatnonzero(scores.status == RECROPPED):
-        issues.append((ids[i], "recropped", scores.reasons[i], "scored on a fresh crop of the original"))
-    for i in failed:
-        why = scores.reasons[i] if scores.status[i] == FAILED else "no fold produced a finite score"
-        issues.append((ids[i], "prior", why, f"label {prior}: {prior_why}"))
-    issues_df = pd.DataFrame(issues, columns=["Id", "resolution", "problem", "action"])
-    issues_df = in_id_order(issues_df) if len(issues_df) else issues_df
+    filled = fill_unscored(ids, probs, th, [r if s == FAILED else "" for r, s in zip(scores.reasons, scores.status)])
+    labels = filled.labels
+    rec = np.flatnonzero(scores.status == RECROPPED)
+    recropped = [ids[i] for i in rec]
+    issues_df = pd.concat([pd.DataFrame([(ids[i], "recropped", scores.reasons[i], "scored on a fresh crop of the original")
+                                         for i in rec], columns=filled.issues.columns), filled.issues])
+    issues_df = in_id_order(issues_df.reset_index(drop=True)) if len(issues_df) else issues_df
 
     out = Path(cfg.out)
     issues_path = Path(cfg.issues) if cfg.issues else out.with_name("safe_inference_issues.csv")
-    sub = write_submission(out, ids, labels)
+    sub = write_submission(out, ids, labels, ids)
     atomic_write(issues_path, lambda tmp: issues_df.to_csv(tmp, index=False))
 
-    recropped = [ids[i] for i in np.flatnonzero(scores.status == RECROPPED)]
-    prior_rows = [ids[i] for i in failed]
+    prior_rows = filled.issues.Id.tolist()
     if recropped:
         degraded.append(f"{len(recropped)} row(s) scored on a re-crop of the original image")
     if prior_rows:
-        degraded.append(f"{len(prior_rows)} row(s) given the prior decision {prior} ({prior_why})")
+        degraded.append(f"{len(prior_rows)} row(s) given the prior decision {filled.prior} ({filled.prior_why})")
     say(f"wrote {out}: {len(sub)} rows ({int(labels.sum())} fake) on {scores.device}, batch {scores.batch_size}; "
         f"issues in {issues_path} ({len(issues_df)} rows)")
     say("degraded: " + ("nothing" if not degraded else "\n  - " + "\n  - ".join(degraded)))

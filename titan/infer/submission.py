@@ -1,20 +1,88 @@
-"""The one writer of ``submission_{prefix}.csv`` and ``predictions_{prefix}.csv``.
+"""The test set and the one writer of ``submission_{prefix}.csv`` and ``predictions_{prefix}.csv``.
 
-Training's inference stage and safe inference both write through here, so both files list
-every test Id once, in the project's one Id order (``titan.data.labels.id_order``), with the
-decision ``prob >= threshold``.
+Training's inference stage and safe inference both ask here which Ids the test set holds
+(``test_set``), fill the rows no model could score with the prior decision (``fill_unscored``),
+and write through here, so both submissions list every test Id exactly once — never more, never
+fewer — in the project's one Id order (``titan.data.labels.id_order``), with the decision
+``prob >= threshold``.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..checkpoints import atomic_write
+from ..data.images import ImageIndex
 from ..data.labels import id_order
+
+
+def test_set(raw_dir: str | os.PathLike | None, crops: ImageIndex | None, say: Callable[[str], None] = lambda s: None) -> list[str]:
+    """The test Ids: every image in the raw test folder (any file PIL can open, whatever its
+    extension) when that folder exists, else every face crop. Crops of Ids the raw folder no
+    longer has are left out, and said so."""
+    raw = Path(raw_dir) if raw_dir else None
+    if raw is not None and raw.is_dir():
+        index = ImageIndex(raw, probe_unknown=True)
+        if index.ignored:
+            say(f"test set: {len(index.ignored)} file(s) in {raw} are not images, ignored: {[p.name for p in index.ignored[:10]]}")
+        stale = sorted(set(crops.ids()) - set(index.ids())) if crops is not None else []
+        if stale:
+            say(f"test set: {len(stale)} face crop(s) in {crops.folder} have no original in {raw} and are left out: "
+                f"{stale[:10]}{' …' if len(stale) > 10 else ''}")
+        return id_order(index.ids())
+    if crops is None:
+        return []
+    say(f"test set: the face crops in {crops.folder} ({raw} not found)")
+    return id_order(crops.ids())
+
+
+def prior_decision(pred: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[int, str]:
+    """The label for a row the ensemble could not see: the majority of its decisions on the other
+    rows; on a tie, the threshold applied to their mean probability; with no other rows, 0."""
+    if len(pred) == 0:
+        return 0, "no image could be scored: real (0) by default"
+    n1 = int(pred.sum())
+    n0 = len(pred) - n1
+    if n1 != n0:
+        return int(n1 > n0), f"majority of {len(pred)} predictions ({n1} fake / {n0} real)"
+    label = int(float(np.mean(probs)) >= threshold)
+    return label, f"tie in predictions: mean probability {np.mean(probs):.3f} vs threshold {threshold:.3f}"
+
+
+@dataclass
+class Filled:
+    labels: np.ndarray      # 0/1 for every Id
+    issues: pd.DataFrame    # Id, resolution, problem, action — one row per guessed Id
+    prior: int
+    prior_why: str
+
+    @property
+    def n_guessed(self) -> int:
+        return len(self.issues)
+
+    def summary(self) -> str:
+        return (f"{self.n_guessed} of {len(self.labels)} row(s) guessed (prior decision {self.prior}: {self.prior_why})"
+                if self.n_guessed else f"all {len(self.labels)} rows scored")
+
+
+def fill_unscored(ids: Sequence[str], prob: np.ndarray, threshold: float, reasons: Sequence[str]) -> Filled:
+    """Decisions for every Id: ``prob >= threshold`` where ``prob`` is finite, the prior decision
+    (``prior_decision``) where no model could score the image, each of those listed with its reason."""
+    prob = np.asarray(prob, dtype=np.float64)
+    ok = np.isfinite(prob)
+    labels = np.zeros(len(ids), dtype=np.int64)
+    labels[ok] = decide(prob[ok], threshold)
+    prior, why = prior_decision(labels[ok], prob[ok], threshold)
+    labels[~ok] = prior
+    rows = [(ids[i], "prior", reasons[i] or "no fold produced a finite score", f"label {prior}: {why}")
+            for i in np.flatnonzero(~ok)]
+    issues = pd.DataFrame(rows, columns=["Id", "resolution", "problem", "action"])
+    return Filled(labels, in_id_order(issues) if len(issues) else issues, prior, why)
 
 
 def decide(prob: np.ndarray, threshold: float) -> np.ndarray:
@@ -36,8 +104,14 @@ def in_id_order(df: pd.DataFrame) -> pd.DataFrame:
     return df.iloc[np.argsort([order[i] for i in df.Id], kind="stable")].reset_index(drop=True)
 
 
-def write_submission(path: str | os.PathLike, ids: Sequence[str], labels: Sequence[int]) -> pd.DataFrame:
+def write_submission(path: str | os.PathLike, ids: Sequence[str], labels: Sequence[int],
+                     test_ids: Sequence[str]) -> pd.DataFrame:
+    """Write the submission — only when its Ids are exactly ``test_ids`` (never a short or long file)."""
     sub = submission_frame(ids, labels)
+    missing, extra = set(test_ids) - set(sub.Id), set(sub.Id) - set(test_ids)
+    if missing or extra or len(sub) != len(test_ids):
+        raise ValueError(f"refusing to write {path}: {len(sub)} rows for a test set of {len(test_ids)} "
+                         f"(missing {sorted(missing)[:10]}, extra {sorted(extra)[:10]})")
     atomic_write(Path(path), lambda tmp: sub.to_csv(tmp, index=False))
     return sub
 

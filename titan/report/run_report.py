@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from .logparse import RunRecord, load_runs
 from ..metrics import binary_metrics
 from ..checkpoints import atomic_write
-from ..config import option
+from ..config import ScriptOptions, option
 from .plots import plot_all
 
 log = logging.getLogger("titan")
@@ -108,7 +108,7 @@ def write_report(runs: Sequence[RunRecord], figures: Sequence[str], out_dir: str
 
 
 @dataclass
-class ReportOptions:
+class ReportOptions(ScriptOptions):
     """plot_training_curves.py's arguments."""
 
     runs: list[str] = option(help="log files or run folders to plot (overlaid)", positional=True, default_factory=lambda: ["."])

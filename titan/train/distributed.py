@@ -92,6 +92,15 @@ def all_gather_cat(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
 
 
+def all_gather_objects(env: DistEnv, items: list) -> list:
+    """Concatenate a list of picklable items from every rank, in rank order."""
+    if not env.distributed:
+        return list(items)
+    parts: list = [None] * env.world_size
+    dist.all_gather_object(parts, list(items))
+    return [x for p in parts for x in p]
+
+
 def prepare_model(model: nn.Module, env: DistEnv, channels_last: bool = False, compile: bool = False) -> nn.Module:
     """Place on the device (NHWC weights if asked), wrap in DDP, then torch.compile if asked.
 

@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ..checkpoints import atomic_json, atomic_write, load_file, load_into, save_atomic, save_checkpoint
 from ..config import TrainConfig
 from ..data.augment import augment_batch, build_augment
+from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
 from ..metrics import binary_metrics, format_metrics
@@ -77,13 +78,29 @@ def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     fold = np.full(len(df), -1, dtype=int)
     real = np.flatnonzero(~df.is_pseudo.to_numpy())
     y = df.target_feature.to_numpy()[real]
-    least = int(np.bincount(y, minlength=2).min())
+    counts = np.bincount(y, minlength=2)
+    if counts.min() == 0:
+        only = "real (0)" if counts[0] else "fake (1)"
+        raise ValueError(f"both classes are needed: every one of the {len(real)} labelled rows is {only}; "
+                         "add images of the other class to the label CSV")
+    least = int(counts.min())
     if n_folds < 2 or least < n_folds:
         raise ValueError(f"cannot make {n_folds} stratified folds: the rarer class has {least} real row(s); "
                          "need n_folds ≥ 2 and at least n_folds rows of each class (lower --n-folds)")
     for k, (_, va) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(real, y)):
         fold[real[va]] = k
     return fold
+
+
+def training_inputs(r: TrainSession, df: pd.DataFrame, folds: np.ndarray) -> dict[str, str]:
+    """Digests of what every fold is made from: the label rows with their folds, and their face images."""
+    train_dir, test_dir = face_dirs(r.cfg)
+    images = []
+    for pseudo, folder in ((False, train_dir), (True, test_dir)):
+        ids = df.Id[df.is_pseudo == pseudo].tolist()
+        if ids:
+            images.append(images_digest(ImageIndex(folder), ids))
+    return {"labels": labels_digest(df.Id, df.target_feature, df.is_pseudo, folds), "images": "+".join(images)}
 
 
 def labelled_dataset(r: TrainSession, df: pd.DataFrame) -> ConcatDataset:
@@ -135,8 +152,9 @@ def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: 
 
 # --- the stage -------------------------------------------------------------------------------------
 
-def fold_done(r: TrainSession, k: int) -> dict | None:
-    """The meta of a finished fold (its files and OOF rows all written), else None."""
+def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
+    """The meta of a finished fold (its files and OOF rows all written) made from ``inputs``, else
+    None; a fold made from other labels or images is retrained (logged)."""
     meta_path = r.files.fold("meta", k)
     files = [r.files.fold("backbone", k), r.files.fold("head", k), r.ckpt / f"oof_fold{k}.csv"]
     if not meta_path.is_file() or not all(p.is_file() for p in files):
@@ -149,6 +167,11 @@ def fold_done(r: TrainSession, k: int) -> dict | None:
     if stale:
         raise ValueError(f"{meta_path} was trained with other settings {stale} (file vs now); use a fresh --out-dir "
                          "or delete that fold's files to retrain it")
+    changed = changed_inputs(meta.get("inputs"), inputs)
+    if changed:
+        r.log.info(f"Fold {k}: retraining — its {' and '.join(changed)} changed since it was trained"
+                   + ("" if "inputs" in meta else " (its files record none: written by an older version)"))
+        return None
     return meta
 
 
@@ -157,12 +180,13 @@ def run_finetune(cfg: TrainConfig, run: TrainSession | None = None) -> dict:
     with session(cfg, run) as r:
         df = load_labels(cfg, r.log)
         folds = assign_folds(df, cfg.n_folds, cfg.fold_seed)
+        inputs = training_inputs(r, df, folds)
         for k in range(cfg.n_folds):
-            if fold_done(r, k) is not None:
+            if fold_done(r, k, inputs) is not None:
                 r.log.info(f"Fold {k} already complete; skipping")
                 continue
-            train_fold(r, df, folds, k)
-        return summarize_folds(r, df)
+            train_fold(r, df, folds, k, inputs)
+        return summarize_folds(r, df, inputs)
 
 
 @dataclass
@@ -198,7 +222,7 @@ def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarr
     return binary_metrics(y, probs), val_loss, idx, probs
 
 
-def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int) -> dict:
+def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inputs: dict[str, str]) -> dict:
     """Fine-tune fold ``k`` (resuming its newest complete epoch state) and save its best epoch."""
     cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
     state.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)  # the same start whether or not other folds ran here
@@ -212,7 +236,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int) -> 
     aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
-    saved = r.resume(stem, raw, stepper, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}")
+    saved = r.resume(stem, raw, stepper, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}", inputs)
     if saved is not None:
         start, best = int(saved["epoch"]), saved["best"]
         log.info(f"Fold {k}: resuming after epoch {start}")
@@ -236,19 +260,19 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int) -> 
                     "model": {kk: v.detach().cpu().clone() for kk, v in raw.state_dict().items()}}
         if env.is_main:
             state.save_train_state(r.ckpt, stem, epoch + 1, keep=cfg.keep_checkpoints, model=raw.state_dict(),
-                                   train=stepper.state_dict(), best=best, config=dataclasses.asdict(cfg))
+                                   train=stepper.state_dict(), best=best, config=dataclasses.asdict(cfg), inputs=inputs)
         distributed.barrier(env)
-    return finish_fold(r, k, best)
+    return finish_fold(r, k, best, inputs)
 
 
-def finish_fold(r: TrainSession, k: int, best: dict | None) -> dict:
+def finish_fold(r: TrainSession, k: int, best: dict | None, inputs: dict[str, str]) -> dict:
     """Save the best epoch's files, drop the fold's epoch states, and log the fold's result."""
     if best is None:
         raise RuntimeError(f"Fold {k}: no epoch ran (ft_epochs={r.cfg.ft_epochs})")
     m = best["metrics"]
     result = {"fold": k, "best_epoch": best["epoch"], "f1": m["f1"], "th": m["threshold"], "auc": m["roc_auc"], "ap": m["ap"]}
     if r.env.is_main:
-        save_fold(r, k, best)
+        save_fold(r, k, best, inputs)
         state.remove_train_states(r.ckpt, f"fold{k}")
     r.log.info(f"Fold {k} done: best epoch {best['epoch']} | F1 {result['f1']:.4f} (th={result['th']:.2f}) | AUC {result['auc']:.4f}")
     r.log.record("fold_done", **result)
@@ -256,7 +280,7 @@ def finish_fold(r: TrainSession, k: int, best: dict | None) -> dict:
     return result
 
 
-def save_fold(r: TrainSession, k: int, best: dict) -> None:
+def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> None:
     """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta."""
     cfg, m, sd = r.cfg, best["metrics"], best["model"]
     arch = resolve_arch(cfg.arch, cfg.variant)
@@ -268,14 +292,15 @@ def save_fold(r: TrainSession, k: int, best: dict) -> None:
     oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
     atomic_write(r.ckpt / f"oof_fold{k}.csv", lambda tmp: oof.to_csv(tmp, index=False))
     save_atomic({"th": float(m["threshold"]), "f1": float(m["f1"]), "auc": float(m["roc_auc"]), "ap": float(m["ap"]),
-                 **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "complete": True}, r.files.fold("meta", k))
+                 **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "inputs": inputs, "complete": True},
+                r.files.fold("meta", k))
 
 
-def summarize_folds(r: TrainSession, df: pd.DataFrame) -> dict:
+def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -> dict:
     """``oof_v42.csv`` and ``metrics_v42.json`` from the finished folds' OOF rows."""
     parts, folds = [], []
     for k in range(r.cfg.n_folds):
-        meta = fold_done(r, k)
+        meta = fold_done(r, k, inputs)
         parts.append(pd.read_csv(r.ckpt / f"oof_fold{k}.csv", dtype={"Id": str}))
         folds.append({"fold": k, "best_epoch": int(meta["epoch"]), "f1": meta["f1"], "th": meta["th"],
                       "auc": meta["auc"], "ap": meta["ap"]})

@@ -14,18 +14,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import SequentialSampler
-from tqdm import tqdm
 
-from ..config import TrainConfig, option
+from ..config import ScriptOptions, TrainConfig, option
+from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
-from ..data.labels import id_order
 from ..infer.folds import FoldSet
-from ..infer.submission import decide, submission_frame, write_predictions, write_submission
-from ..infer.tta import ensemble_probability, parse_tta, predict_batches
+from ..infer.resilient import FAILED, ImagesToScore, Scores, score_images
+from ..infer.submission import fill_unscored, submission_frame, test_set, write_predictions, write_submission
+from ..infer.tta import ensemble_probability, parse_tta
 from . import distributed
-from .finetune import run_finetune
-from .session import TrainSession, session
+from .finetune import assign_folds, load_labels, run_finetune
+from .session import TrainSession, face_dirs, session
 from .ssl import run_ssl
 
 STAGES = ("ssl", "finetune", "infer")
@@ -37,6 +36,7 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     with session(cfg) as run:
+        preflight(run, stages)
         if "ssl" in stages:
             run_ssl(cfg, run)
         if "finetune" in stages:
@@ -45,51 +45,96 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
             run_infer(cfg, run)
 
 
-def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame:
-    """Every fold × TTA view over the test faces → ``predictions_v42.csv`` and ``submission_v42.csv``.
+def preflight(r: TrainSession, stages: Sequence[str]) -> None:
+    """Everything that can be checked before hours of work: the output folder is writable, the
+    faces are there, and the labels make stratified folds (each named, with the fix, on failure)."""
+    if r.env.is_main:
+        probe = r.out / ".write_test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(r.out)) from e
+    if "ssl" in stages or "finetune" in stages:
+        face_dirs(r.cfg)
+    if "finetune" in stages:
+        df = load_labels(r.cfg, r.log)
+        folds = assign_folds(df, r.cfg.n_folds, r.cfg.fold_seed)
+        per_fold = [np.bincount(df.target_feature.to_numpy()[folds == k], minlength=2) for k in range(r.cfg.n_folds)]
+        r.log.info("checked before training: " + ", ".join(f"fold {k} {c[0]} real / {c[1]} fake" for k, c in enumerate(per_fold)))
 
-    The folds, their input size and the threshold come from the fold set (``titan.infer.folds``)."""
+
+def inference_folds(r: TrainSession) -> FoldSet:
+    """The run's fold set, with what it leaves out said in the log; refuses a size it was not trained at."""
+    fs = FoldSet.from_folder(r.out, r.files.prefix, n_folds=r.cfg.n_folds)
+    for name, why in fs.skipped:
+        r.log.info(f"NOTICE: ignoring {name}: {why}")
+    for note in fs.notes:
+        r.log.info(f"NOTICE: {note}")
+    if len(fs.folds) < r.cfg.n_folds:
+        r.log.info(f"NOTICE: using {len(fs.folds)} of {r.cfg.n_folds} folds ({', '.join(fs.names)}); "
+                   f"the others have no files in {r.out}")
+    fs.input_size(r.cfg.img_size, r.cfg.force_img_size, r.log.info)
+    return fs
+
+
+def gather_scores(env: distributed.DistEnv, mine: np.ndarray, scores: Scores) -> Scores:
+    """Every rank's share of the scores, in test-set order (one process: as it is)."""
+    pos = distributed.all_gather_cat(env, torch.from_numpy(mine)).numpy()
+    order = np.argsort(pos)
+    status = distributed.all_gather_cat(env, torch.from_numpy(scores.status)).numpy()[order]
+    logits = np.stack([distributed.all_gather_cat(env, torch.from_numpy(lg)).numpy() for lg in scores.logits])[:, order]
+    all_reasons, all_ids = distributed.all_gather_objects(env, scores.reasons), distributed.all_gather_objects(env, scores.ids)
+    reasons, ids = [all_reasons[k] for k in order], [all_ids[k] for k in order]
+    return Scores(ids, logits, status, reasons, scores.fold_names, scores.device, scores.batch_size, scores.notes)
+
+
+def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame:
+    """Every fold × TTA view over the test set → ``predictions_v42.csv`` and ``submission_v42.csv``.
+
+    The test set is the raw test folder's images (else the face crops); an image that cannot be
+    scored still gets its row, the prior decision, listed in ``submission_v42_issues.csv``. The
+    folds, their input size and the threshold come from the fold set (``titan.infer.folds``)."""
     with session(cfg, run) as r:
-        env, log, dev = r.env, r.log, r.env.device
-        fs = FoldSet.from_folder(r.out, r.files.prefix, n_folds=cfg.n_folds)
-        for name, why in fs.skipped:
-            log.info(f"NOTICE: ignoring {name}: {why}")
-        fs.input_size(cfg.img_size, cfg.force_img_size, log.info)  # refuses a size the folds were not trained at
-        models = [distributed.prepare_model(m, distributed.DistEnv(device=dev), r.channels_last, cfg.compile).eval()
-                  for m in fs.models]
+        env, log = r.env, r.log
+        fs = inference_folds(r)
         views = parse_tta(cfg.tta)
         test_dir = Path(cfg.faces_dir) / "test"
-        ids = id_order(ImageIndex(test_dir).ids())
+        crops = ImageIndex(test_dir) if test_dir.is_dir() else None
+        ids = test_set(cfg.raw_test_dir, crops, log.info)
         if not ids:
-            raise FileNotFoundError(f"{test_dir}: no test face images")
-        log.info(f"inference: {len(ids)} test faces × {fs.describe()} × TTA {views}")
+            raise FileNotFoundError(f"no test images: neither {cfg.raw_test_dir} nor {test_dir} holds any; "
+                                    "run align_faces.py, or set --raw-test-dir / --faces-dir")
+        log.info(f"inference: {len(ids)} test images × {fs.describe()} × TTA {views}")
 
-        # Each rank predicts a strided share; unreadable test images are errors (no guessed rows).
-        mine = np.arange(env.rank, len(ids), env.world_size)
-        dataset = r.faces([ids[i] for i in mine], test_dir, on_error="raise")
-        loader = r.loader(dataset, cfg.infer_batch_size, SequentialSampler(dataset))
-        batches = (r.images(x) for x, _, _ in loader)
-        with tqdm(total=len(dataset), desc="inference", disable=not env.is_main, leave=False) as bar:
-            logits = predict_batches(models, batches, dev, views, cfg.amp, r.channels_last, progress=bar)
-        pos = distributed.all_gather_cat(env, torch.from_numpy(mine))
-        per_fold = np.stack([distributed.all_gather_cat(env, torch.from_numpy(lg)).numpy() for lg in logits])
-        per_fold = per_fold[:, np.argsort(pos.numpy())]
-
-        th, th_note = fs.threshold()
+        mine = np.arange(env.rank, len(ids), env.world_size)  # each rank scores a strided share
+        share = score_images(fs.folds, ImagesToScore([ids[i] for i in mine], crops, fs.img_size[0]), cfg.infer_batch_size,
+                             str(env.device), views, cfg.amp, cfg.num_workers, progress=env.is_main)
+        scores = gather_scores(env, mine, share)
+        for name in scores.drop_nonfinite_folds():
+            log.info(f"WARNING: {name} gave non-finite scores; left out")
+        th, th_note = fs.threshold(used=scores.fold_names)
         log.info(f"threshold {th:.4f} ({th_note})")
-        prob = ensemble_probability(per_fold)
-        labels = decide(prob, th)
+        prob = np.full(len(ids), np.nan)
+        ok = scores.scored & (len(scores.fold_names) > 0)
+        if ok.any():
+            prob[ok] = ensemble_probability(scores.logits[:, ok])
+        filled = fill_unscored(ids, prob, th, [w if s == FAILED else "" for w, s in zip(scores.reasons, scores.status)])
         if env.is_main:
             write_predictions(r.files.predictions_csv, ids, prob,
-                              {name: 1.0 / (1.0 + np.exp(-lg.astype(np.float64))) for name, lg in zip(fs.names, per_fold)})
-            write_submission(r.files.submission_csv, ids, labels)
-        log.info(f"submission: {len(ids)} rows, {int(labels.sum())} predicted fake (th={th:.4f}) → {r.files.submission_csv}")
+                              {n: 1.0 / (1.0 + np.exp(-lg.astype(np.float64))) for n, lg in zip(scores.fold_names, scores.logits)})
+            write_submission(r.files.submission_csv, ids, filled.labels, ids)
+            atomic_write(r.files.submission_issues_csv, lambda tmp: filled.issues.to_csv(tmp, index=False))
+        for _, row in filled.issues.head(10).iterrows():
+            log.info(f"guessed {row.Id}: {row.problem}")
+        log.info(f"submission: {len(ids)} rows, {int(filled.labels.sum())} predicted fake (th={th:.4f}); {filled.summary()} "
+                 f"→ {r.files.submission_csv}")
         distributed.barrier(env)
-        return submission_frame(ids, labels)
+        return submission_frame(ids, filled.labels)
 
 
 @dataclass
-class StageOptions:
+class StageOptions(ScriptOptions):
     """train_v42_diamond.py's own flag; every other flag is a TrainConfig field."""
 
     stages: str = option(",".join(STAGES), "comma-separated stages to run, in pipeline order")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig, save_config
+from ..data.fingerprint import changed_inputs
 from ..data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
 from ..device import to_float_image, use_channels_last
 from ..models.archs import resolve_arch
@@ -58,12 +59,19 @@ class TrainSession:
             x = decode_on_device(x, self.cfg.img_size, self.env.device)
         return to_float_image(x, self.env.device, self.channels_last)
 
-    def resume(self, stem: str, raw: torch.nn.Module, stepper, identity: Sequence[str], where: str) -> dict | None:
+    def resume(self, stem: str, raw: torch.nn.Module, stepper, identity: Sequence[str], where: str,
+               inputs: dict[str, str]) -> dict | None:
         """Load the newest complete ``{stem}_ep{N}.pth`` into ``raw`` and ``stepper`` and restore the RNG
-        streams → the saved state (None when there is none). Settings in ``identity`` must match."""
+        streams → the saved state (None when there is none). Settings in ``identity`` and the
+        ``inputs`` digests must match: a state made from other data is refused, saying how to start afresh."""
         saved = state.load_latest_state(self.ckpt, stem, self.log.info)
         if saved is not None:
             check_resumable(saved.get("config"), self.cfg, identity, where)
+            changed = changed_inputs(saved.get("inputs"), inputs)
+            if changed:
+                raise ValueError(f"{where} was made from other {' and '.join(changed)} than this run has (the label "
+                                 f"CSV or the face images changed); to start it afresh delete {self.ckpt}/{stem}_ep*.pth, "
+                                 "or use a fresh --out-dir")
             raw.load_state_dict(saved["model"])
             stepper.load_state_dict(saved["train"])
             self.restore_rng(saved["rng"], int(saved["epoch"]))

@@ -13,6 +13,7 @@ from torch.utils.data import ConcatDataset
 from ..checkpoints import read_meta, save_checkpoint
 from ..config import TrainConfig
 from ..data.augment import augment_batch, build_augment
+from ..data.fingerprint import changed_inputs, images_digest
 from ..data.images import ImageIndex
 from ..models.archs import resolve_arch
 from ..models.convnextv2 import build_backbone, keep_stem_highpass
@@ -24,12 +25,31 @@ from .session import TrainSession, face_dirs, session
 SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio")
 
 
-def ssl_dataset(r: TrainSession) -> ConcatDataset:
+def ssl_data(r: TrainSession) -> tuple[ConcatDataset, dict[str, str]]:
+    """Every train and test face, and the digest of that image set (what SimMIM is made from)."""
     train_dir, test_dir = face_dirs(r.cfg)
-    dataset = ConcatDataset([r.faces(ImageIndex(d).ids(), d) for d in (train_dir, test_dir) if d.is_dir()])
+    indexes = [ImageIndex(d) for d in (train_dir, test_dir) if d.is_dir()]
+    dataset = ConcatDataset([r.faces(ix.ids(), ix) for ix in indexes])
     if len(dataset) == 0:
         raise FileNotFoundError(f"no face images in {train_dir} or {test_dir}")
-    return dataset
+    return dataset, {"images": "+".join(images_digest(ix, ix.ids()) for ix in indexes)}
+
+
+def ssl_done(r: TrainSession, inputs: dict[str, str]) -> bool:
+    """A finished SSL file made from these images; one made from others is retrained (logged)."""
+    path = r.files.ssl_weights
+    if not path.is_file():
+        return False
+    meta = read_meta(path)
+    if int(meta.get("epoch", -1)) < r.cfg.ssl_epochs:
+        return False
+    changed = changed_inputs(meta.get("inputs"), inputs)
+    if changed:
+        r.log.info(f"SSL: retraining — the face images differ from those {path.name} was made from"
+                   + ("" if "inputs" in meta else " (it records none: written by an older version)"))
+        state.remove_train_states(r.ckpt, "ssl")
+        return False
+    return True
 
 
 def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
@@ -46,11 +66,11 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         if cfg.ssl_epochs <= 0:
             log.info("SSL: --ssl-epochs 0, SimMIM skipped")
             return None
-        if out_path.is_file() and int(read_meta(out_path).get("epoch", -1)) >= cfg.ssl_epochs:
+        dataset, inputs = ssl_data(r)
+        if ssl_done(r, inputs):
             log.info(f"SSL already complete ({out_path}); skipping")
             return out_path
         state.seed_everything(cfg.seed + env.rank)  # DDP: each rank its own masks and augmentations
-        dataset = ssl_dataset(r)
         sampler = distributed.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = r.loader(dataset, cfg.batch_size, sampler)
 
@@ -64,7 +84,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         aug = build_augment("ssl").to(dev)
 
         start, loss = 0, float("nan")
-        saved = r.resume("ssl", raw, stepper, SSL_IDENTITY, f"SSL checkpoint in {r.ckpt}")
+        saved = r.resume("ssl", raw, stepper, SSL_IDENTITY, f"SSL checkpoint in {r.ckpt}", inputs)
         if saved is not None:
             start, loss = int(saved["epoch"]), float(saved.get("loss", float("nan")))
             log.info(f"SSL: resuming after epoch {start} from {r.ckpt}")
@@ -80,12 +100,12 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
             log.record("ssl_epoch", epoch=epoch + 1, loss=loss, lr=stepper.lr, img_s=st.img_s, bad_steps=st.bad_steps)
             if env.is_main:
                 state.save_train_state(r.ckpt, "ssl", epoch + 1, keep=cfg.keep_checkpoints, model=raw.state_dict(),
-                                       train=stepper.state_dict(), loss=loss, config=dataclasses.asdict(cfg))
+                                       train=stepper.state_dict(), loss=loss, config=dataclasses.asdict(cfg), inputs=inputs)
             distributed.barrier(env)
 
         if env.is_main:
             save_checkpoint(raw.encoder, out_path, arch=arch.name, variant=arch.variant, img_size=cfg.img_size,
-                            epoch=cfg.ssl_epochs, metrics={"loss": loss}, config=dataclasses.asdict(cfg))
+                            epoch=cfg.ssl_epochs, metrics={"loss": loss}, config=dataclasses.asdict(cfg), inputs=inputs)
             log.info(f"SSL done → {out_path}")
         distributed.barrier(env)
         return out_path
