@@ -55,13 +55,13 @@ def make_faces(root: Path, n_train: int = 24, n_test: int = 8, n_pseudo: int = 4
 
 def cfg_for(root: Path, out: str, **over):
     base = dict(faces_dir=str(root / "faces"), train_csv=str(root / "train_diamond.csv"),
-                fallback_csv=str(root / "none.csv"), out_dir=str(root / out))
+                fallback_csv=str(root / "none.csv"), out_dir=str(root / out), raw_test_dir=str(root / "raw_test"))
     return make_config(preset="tiny", overrides={**base, **over})
 
 
 def cli_args(root: Path, out: str, *extra: str) -> list[str]:
     return ["--preset", "tiny", "--faces-dir", str(root / "faces"), "--train-csv", str(root / "train_diamond.csv"),
-            "--out-dir", str(root / out), *extra]
+            "--raw-test-dir", str(root / "raw_test"), "--out-dir", str(root / out), *extra]
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,9 @@ def load_labels(cfg: TrainConfig, log: RunLog) -> pd.DataFrame:
     n_real = int((~df.is_pseudo).sum())
     log.info(f"labels: {csv} — {n_real} real rows ({int(df.target_feature[~df.is_pseudo].sum())} fake), "
              f"{len(df) - n_real} pseudo rows")
-    return pd.concat([df[~df.is_pseudo], df[df.is_pseudo]], ignore_index=True)
+    df = pd.concat([df[~df.is_pseudo], df[df.is_pseudo]], ignore_index=True)
+    df.attrs["source"] = str(csv)  # named by later errors (e.g. one class only)
+    return df
 
 
 def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
@@ -81,11 +83,12 @@ def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     counts = np.bincount(y, minlength=2)
     if counts.min() == 0:
         only = "real (0)" if counts[0] else "fake (1)"
-        raise ValueError(f"both classes are needed: every one of the {len(real)} labelled rows is {only}; "
-                         "add images of the other class to the label CSV")
+        raise ValueError(f"{df.attrs.get('source', 'the label CSV')}: both classes are needed: every one of the "
+                         f"{len(real)} labelled rows is {only}; add images of the other class")
     least = int(counts.min())
     if n_folds < 2 or least < n_folds:
-        raise ValueError(f"cannot make {n_folds} stratified folds: the rarer class has {least} real row(s); "
+        raise ValueError(f"{df.attrs.get('source', 'the label CSV')}: cannot make {n_folds} stratified folds: "
+                         f"the rarer class has {least} real row(s); "
                          "need n_folds ≥ 2 and at least n_folds rows of each class (lower --n-folds)")
     for k, (_, va) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(real, y)):
         fold[real[va]] = k
