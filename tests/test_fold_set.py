@@ -13,7 +13,7 @@ import torch
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from fold_fixtures import SIZE, write_images, write_v42_folds
 from titan.config import make_config
-from titan.data.labels import id_order
+from titan.data.ids import id_order
 from titan.infer.folds import FoldSet, FoldSetError, decision_threshold, find_fold_files
 from titan.infer.safe import SafeConfig, safe_inference
 from titan.metrics import best_f1_threshold

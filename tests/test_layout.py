@@ -26,7 +26,7 @@ def sources(*exclude: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("pattern, owner", [
     (r"torch\.autocast\(|GradScaler\(|is_bf16_supported\(|cudnn\.benchmark", "titan/device.py"),
-    (r"isdigit\(\)", "titan/data/labels.py"),  # the Id order
+    (r"isdigit\(\)", "titan/data/ids.py"),  # the Id order
     (r"def (?!plot_)\w*threshold\w*\(", "titan/infer/folds.py|titan/metrics.py|titan/report/logparse.py"),
 ])
 def test_a_question_is_answered_in_its_owner_only(pattern, owner):

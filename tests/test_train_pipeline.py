@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
-from titan.data import labels
+from titan.data import ids
 from titan.train import finetune, optim, pipeline
 from titan.runlog import RunLog
 from titan.checkpoints import load_file, load_state_dict
@@ -123,7 +123,7 @@ def test_submission_has_every_test_id_once_in_id_order(tiny_run: Path, data: Pat
     assert pred.Id.tolist() == sub.Id.tolist() and {"prob", "fold0", "fold1"} <= set(pred.columns)
     th = json.loads((tiny_run / "metrics_v42.json").read_text())["oof"]["threshold"]
     assert (sub.target_feature == (pred.prob >= th).astype(int)).all()
-    assert labels.id_order(["10", "9", "100"]) == ["9", "10", "100"]
+    assert ids.id_order(["10", "9", "100"]) == ["9", "10", "100"]
 
 
 def test_folds_never_validate_on_pseudo_rows(tiny_run: Path, data: Path):

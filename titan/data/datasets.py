@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import ImageDecodeError, ImageIndex, decode_image, square_resize, to_chw_uint8
-from .labels import check_id
+from .ids import check_id
 
 log = logging.getLogger("titan")
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .labels import check_id
+from .ids import check_id
 
 # Listed by extension (preferred first when two files share a stem). With ``probe_unknown`` a
 # file with any other extension counts too when PIL recognises its header.

@@ -1,8 +1,5 @@
-"""The label-CSV contract and everything about Ids: what a valid Id is, and the one Id order.
-
-Every CSV the project writes lists its rows in ``id_order``; every Id read from a CSV passes
-``check_id`` so it never reaches outside its folder.
-"""
+"""The label-CSV contract: ``Id,target_feature[,is_pseudo]`` read and validated, every error
+naming its line and the fix. Ids themselves (what a valid one is, their order) are ``ids.py``'s."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +9,9 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from .ids import UnsafeIdError, check_id
+from .images import ImageIndex
 
 log = logging.getLogger("titan")
 
@@ -23,26 +23,11 @@ class LabelCSVError(ValueError):
     """The label CSV breaks the contract; the message names the row(s) and the fix."""
 
 
-# --- Ids -------------------------------------------------------------------------------------
-
-def check_id(image_id: str, where: str = "") -> str:
-    """Refuse Ids that could leave their folder (separators, '..', absolute, empty, NUL)."""
-    s = str(image_id)
-    bad = (not s.strip() or "/" in s or "\\" in s or s in (".", "..") or ".." in s.split(".")
-           or "\x00" in s or os.path.isabs(s) or (len(s) > 1 and s[1] == ":"))
-    if bad:
-        raise LabelCSVError(f"{where}Id {s!r} is not a plain file name (no path separators, '..' or drive); fix the CSV")
-    return s
-
-
-
-def id_order(ids: Sequence[str]) -> list[str]:
-    """The project's one Id order: numerically when every Id is a number (``9`` before ``10``),
-    else as strings. Every CSV keyed by Id (submission, predictions, diamonds) is written in it."""
-    ids = [str(i) for i in ids]
-    if ids and all(i.isdigit() for i in ids):
-        return sorted(ids, key=lambda s: (int(s), s))
-    return sorted(ids)
+def _checked(image_id: str, where: str) -> str:
+    try:
+        return check_id(image_id, where)
+    except UnsafeIdError as e:
+        raise LabelCSVError(str(e)) from None
 
 
 # --- label CSV -------------------------------------------------------------------------------
@@ -82,7 +67,7 @@ def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None
     if len(df) == 0:
         raise LabelCSVError(f"{csv_path}: no label rows (only a header); add one row per training image: Id,target_feature")
     line = lambda i: f"{csv_path} line {i + 2}: "  # noqa: E731
-    ids = [check_id(s.strip(), line(i)) for i, s in enumerate(df[id_col])]
+    ids = [_checked(s.strip(), line(i)) for i, s in enumerate(df[id_col])]
     labels = []
     for i, v in enumerate(df[y_col]):
         try:
@@ -104,8 +89,6 @@ def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None
         rows = [f"{out.Id[i]!r} (line {i + 2})" for i in np.flatnonzero(dup)[:10]]
         raise LabelCSVError(f"{csv_path}: duplicate Ids — {', '.join(rows)}; each image must appear once")
     if image_dir is not None:
-        from .images import ImageIndex  # images.py imports check_id from here
-
         index = ImageIndex(image_dir)
         missing = [(i, s) for i, s in enumerate(out.Id) if s not in index]
         if missing and not allow_missing:

@@ -3,7 +3,7 @@
 Training's inference stage and safe inference both ask here which Ids the test set holds
 (``test_set``), fill the rows no model could score with the prior decision (``fill_unscored``),
 and write through here, so both submissions list every test Id exactly once — never more, never
-fewer — in the project's one Id order (``titan.data.labels.id_order``), with the decision
+fewer — in the project's one Id order (``titan.data.ids.id_order``), with the decision
 ``prob >= threshold``.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
-from ..data.labels import id_order
+from ..data.ids import id_order
 
 
 def test_set(raw_dir: str | os.PathLike | None, crops: ImageIndex | None, say: Callable[[str], None] = lambda s: None) -> list[str]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.images import ImageDecodeError, ImageIndex, decode_image, square_resize, to_chw_uint8
-from ..data.labels import check_id
+from ..data.ids import check_id
 from ..infer.folds import FoldSet, find_fold_files
 from ..models.classifier import FoldModel
 from ..device import resolve_device
