@@ -22,7 +22,7 @@ from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files, pair_globs
 from .resilient import FAILED, ImagesToScore, ScoringOptions, score_images
 from .submission import in_id_order
-from .tta import ensemble_probability, parse_tta
+from .tta import parse_tta
 
 class DiamondError(RuntimeError):
     """make_diamonds cannot run; nothing was written. The message says what to fix."""
@@ -178,8 +178,7 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     unreadable = [scores.ids[i] for i in np.flatnonzero(scores.status == FAILED)]
     for i in np.flatnonzero(scores.status == FAILED)[:10]:
         say(f"unreadable test face, not a diamond: {scores.reasons[i]}")
-    probs = np.full(len(test_ids), np.nan)
-    probs[scores.scored] = ensemble_probability(scores.logits[:, scores.scored])
+    probs = scores.probabilities()
 
     diamonds = select_diamonds(test_ids, probs, cfg.hi, cfg.lo, cfg.max_per_class, cfg.balance)
     rows = training_rows(train, diamonds)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ScriptOptions, option
 from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
 from .folds import Fold
-from .tta import predict_batches
+from .tta import ensemble_probability, predict_batches
 from ..device import resolve_device
 
 log = logging.getLogger("titan")
@@ -174,6 +174,18 @@ class Scores:
     @property
     def scored(self) -> np.ndarray:
         return self.status != FAILED
+
+    def probabilities(self) -> np.ndarray:
+        """The ensemble's P(fake) per row; NaN where the image could not be read or no fold is left."""
+        prob = np.full(len(self.ids), np.nan)
+        ok = self.scored & (len(self.fold_names) > 0)
+        if ok.any():
+            prob[ok] = ensemble_probability(self.logits[:, ok])
+        return prob
+
+    def failure_reasons(self) -> list[str]:
+        """Why each row could not be read; "" for the rows that were."""
+        return [r if s == FAILED else "" for r, s in zip(self.reasons, self.status)]
 
     def drop_nonfinite_folds(self) -> list[str]:
         """Remove folds whose logits are not finite on some scored row; returns their names."""

@@ -22,9 +22,9 @@ from ..data.images import ImageIndex, decode_image
 from ..runfiles import RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
-from .resilient import FAILED, RECROPPED, ImagesToScore, ScoringOptions, score_images
+from .resilient import RECROPPED, ImagesToScore, ScoringOptions, score_images
 from .submission import fill_unscored, in_id_order, test_set, write_submission
-from .tta import ensemble_probability, parse_tta
+from .tta import parse_tta
 
 TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
 
@@ -130,11 +130,7 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
         degraded.append(f"threshold: {th_note}")
     say(f"threshold {th:.4f} ({th_note})")
 
-    ok = scores.scored & (len(scores.fold_names) > 0)
-    probs = np.full(len(ids), np.nan)
-    if ok.any():
-        probs[ok] = ensemble_probability(scores.logits[:, ok])
-    filled = fill_unscored(ids, probs, th, [r if s == FAILED else "" for r, s in zip(scores.reasons, scores.status)])
+    filled = fill_unscored(ids, scores.probabilities(), th, scores.failure_reasons())
     labels = filled.labels
     rec = np.flatnonzero(scores.status == RECROPPED)
     recropped = [ids[i] for i in rec]

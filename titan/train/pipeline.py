@@ -19,9 +19,9 @@ from ..config import ScriptOptions, TrainConfig, option
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
 from ..infer.folds import FoldSet
-from ..infer.resilient import FAILED, ImagesToScore, Scores, score_images
+from ..infer.resilient import ImagesToScore, Scores, score_images
 from ..infer.submission import fill_unscored, submission_frame, test_set, write_predictions, write_submission
-from ..infer.tta import ensemble_probability, parse_tta
+from ..infer.tta import parse_tta
 from . import distributed
 from .finetune import assign_folds, load_labels, run_finetune
 from .session import TrainSession, face_dirs, session
@@ -115,11 +115,8 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
             log.info(f"WARNING: {name} gave non-finite scores; left out")
         th, th_note = fs.threshold(used=scores.fold_names)
         log.info(f"threshold {th:.4f} ({th_note})")
-        prob = np.full(len(ids), np.nan)
-        ok = scores.scored & (len(scores.fold_names) > 0)
-        if ok.any():
-            prob[ok] = ensemble_probability(scores.logits[:, ok])
-        filled = fill_unscored(ids, prob, th, [w if s == FAILED else "" for w, s in zip(scores.reasons, scores.status)])
+        prob = scores.probabilities()
+        filled = fill_unscored(ids, prob, th, scores.failure_reasons())
         if env.is_main:
             write_predictions(r.files.predictions_csv, ids, prob,
                               {n: 1.0 / (1.0 + np.exp(-lg.astype(np.float64))) for n, lg in zip(scores.fold_names, scores.logits)})
