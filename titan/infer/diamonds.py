@@ -167,8 +167,7 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     except CheckpointError as e:
         raise DiamondError(f"fold weights do not load (wrong architecture or a broken file): {e}") from None
     say(f"loaded {fs.describe()} from {where}")
-    size_note = fs.img_size[1] if img_size == fs.img_size[0] else f"{img_size} px (--img-size)"
-    say(f"scoring {len(test_ids)} test faces from {cfg.test_dir} at {size_note}, TTA {','.join(views)}")
+    say(f"scoring {len(test_ids)} test faces from {cfg.test_dir} at {fs.size_note(img_size)}, TTA {','.join(views)}")
 
     scores = score_images(fs.folds, ImagesToScore(test_ids, index, img_size), cfg.batch_size, cfg.device, views,
                           cfg.amp, cfg.num_workers, cfg.progress)

@@ -268,6 +268,11 @@ class FoldSet:
             return DEFAULT_IMG_SIZE, f"{DEFAULT_IMG_SIZE} (no img_size in the folds' metadata)"
         return sizes[0], f"{sizes[0]} (the folds' metadata)"
 
+    def size_note(self, size: int) -> str:
+        """Where a size the set runs at came from, for the log."""
+        own, note = self.img_size
+        return note if size == own else f"{size} px (--img-size)"
+
     def input_size(self, explicit: int = 0, force: bool = False, say: Callable[[str], None] = lambda s: None) -> int:
         """The size to run the set at: the folds' own; ``explicit`` (> 0) only when it matches, or
         when ``force`` (then logged through ``say``)."""

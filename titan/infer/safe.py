@@ -23,7 +23,7 @@ from ..runfiles import RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
 from .resilient import RECROPPED, ImagesToScore, ScoringOptions, score_images
-from .submission import fill_unscored, in_id_order, test_set, write_submission
+from .submission import fill_unscored, in_id_order, raw_test_index, test_set, write_submission
 from .tta import parse_tta
 
 TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
@@ -76,9 +76,9 @@ def resolve_tta(spec: str) -> list[str]:
     return parse_tta(TTA_PRESETS.get(spec, spec))
 
 
-def _index_or_none(folder: str, degraded: list[str], what: str, probe_unknown: bool = False) -> ImageIndex | None:
+def _index_or_none(folder: str, degraded: list[str], what: str) -> ImageIndex | None:
     try:
-        return ImageIndex(folder, probe_unknown)
+        return ImageIndex(folder)
     except FileNotFoundError:
         degraded.append(f"{what} folder {folder} not found")
         return None
@@ -110,14 +110,13 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
         raise SafeInferenceError(str(e)) from None
 
     faces = _index_or_none(cfg.test_dir, degraded, "face-crop")
-    raw = _index_or_none(cfg.raw_test_dir, [], "original", probe_unknown=True)
-    ids = test_set(cfg.raw_test_dir, faces, say)
+    raw = raw_test_index(cfg.raw_test_dir)
+    ids = test_set(raw, faces, say)
     if not ids:
         raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
 
     recrop_original = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
-    size_note = fs.img_size[1] if img_size == fs.img_size[0] else f"{img_size} px (--img-size)"
-    say(f"{fs.describe()}; input {size_note}; TTA {','.join(views)}; {len(ids)} test Ids")
+    say(f"{fs.describe()}; input {fs.size_note(img_size)}; TTA {','.join(views)}; {len(ids)} test Ids")
     try:
         scores = score_images(folds, ImagesToScore(ids, faces, img_size, recrop_original), cfg.batch_size, cfg.device,
                               views, cfg.amp, cfg.num_workers, cfg.progress)

@@ -21,23 +21,26 @@ from ..data.images import ImageIndex
 from ..data.ids import id_order
 
 
-def test_set(raw_dir: str | os.PathLike | None, crops: ImageIndex | None, say: Callable[[str], None] = lambda s: None) -> list[str]:
-    """The test Ids: every image in the raw test folder (any file PIL can open, whatever its
-    extension) when that folder exists, else every face crop. Crops of Ids the raw folder no
-    longer has are left out, and said so."""
-    raw = Path(raw_dir) if raw_dir else None
-    if raw is not None and raw.is_dir():
-        index = ImageIndex(raw, probe_unknown=True)
-        if index.ignored:
-            say(f"test set: {len(index.ignored)} file(s) in {raw} are not images, ignored: {[p.name for p in index.ignored[:10]]}")
-        stale = sorted(set(crops.ids()) - set(index.ids())) if crops is not None else []
+def raw_test_index(raw_dir: str | os.PathLike | None) -> ImageIndex | None:
+    """The raw test folder's images (any file PIL can open, whatever its extension), None without one."""
+    return ImageIndex(raw_dir, probe_unknown=True) if raw_dir and Path(raw_dir).is_dir() else None
+
+
+def test_set(raw: ImageIndex | None, crops: ImageIndex | None, say: Callable[[str], None] = lambda s: None) -> list[str]:
+    """The test Ids: every image of the raw test folder (``raw_test_index``) when there is one,
+    else every face crop. Crops of Ids the raw folder no longer has are left out, and said so."""
+    if raw is not None:
+        if raw.ignored:
+            say(f"test set: {len(raw.ignored)} file(s) in {raw.folder} are not images, ignored: "
+                f"{[p.name for p in raw.ignored[:10]]}")
+        stale = sorted(set(crops.ids()) - set(raw.ids())) if crops is not None else []
         if stale:
-            say(f"test set: {len(stale)} face crop(s) in {crops.folder} have no original in {raw} and are left out: "
+            say(f"test set: {len(stale)} face crop(s) in {crops.folder} have no original in {raw.folder} and are left out: "
                 f"{stale[:10]}{' …' if len(stale) > 10 else ''}")
-        return id_order(index.ids())
+        return id_order(raw.ids())
     if crops is None:
         return []
-    say(f"test set: the face crops in {crops.folder} ({raw} not found)")
+    say(f"test set: the face crops in {crops.folder} (no raw test folder)")
     return id_order(crops.ids())
 
 

@@ -20,7 +20,7 @@ from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
 from ..infer.folds import FoldSet
 from ..infer.resilient import ImagesToScore, Scores, score_images
-from ..infer.submission import fill_unscored, submission_frame, test_set, write_predictions, write_submission
+from ..infer.submission import fill_unscored, raw_test_index, submission_frame, test_set, write_predictions, write_submission
 from ..infer.tta import parse_tta
 from . import distributed
 from .finetune import assign_folds, load_labels, run_finetune
@@ -101,7 +101,7 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
         views = parse_tta(cfg.tta)
         test_dir = Path(cfg.faces_dir) / "test"
         crops = ImageIndex(test_dir) if test_dir.is_dir() else None
-        ids = test_set(cfg.raw_test_dir, crops, log.info)
+        ids = test_set(raw_test_index(cfg.raw_test_dir), crops, log.info)
         if not ids:
             raise FileNotFoundError(f"no test images: neither {cfg.raw_test_dir} nor {test_dir} holds any; "
                                     "run align_faces.py, or set --raw-test-dir / --faces-dir")
