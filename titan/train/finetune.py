@@ -178,11 +178,16 @@ def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
     return meta
 
 
-def run_finetune(cfg: TrainConfig, run: TrainSession | None = None) -> dict:
-    """Fine-tune every fold from the SSL backbone, then write the OOF file and the metrics summary."""
+def run_finetune(cfg: TrainConfig, run: TrainSession | None = None,
+                 labels: tuple[pd.DataFrame, np.ndarray] | None = None) -> dict:
+    """Fine-tune every fold from the SSL backbone, then write the OOF file and the metrics summary.
+
+    ``labels`` = (rows, folds) already read and checked (``pipeline.preflight``); else read here."""
     with session(cfg, run) as r:
-        df = load_labels(cfg, r.log)
-        folds = assign_folds(df, cfg.n_folds, cfg.fold_seed)
+        if labels is None:
+            df = load_labels(cfg, r.log)
+            labels = df, assign_folds(df, cfg.n_folds, cfg.fold_seed)
+        df, folds = labels
         inputs = training_inputs(r, df, folds)
         for k in range(cfg.n_folds):
             if fold_done(r, k, inputs) is not None:

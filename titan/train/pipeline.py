@@ -36,18 +36,19 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     with session(cfg) as run:
-        preflight(run, stages)
+        labels = preflight(run, stages)
         if "ssl" in stages:
             run_ssl(cfg, run)
         if "finetune" in stages:
-            run_finetune(cfg, run)
+            run_finetune(cfg, run, labels)
         if "infer" in stages:
             run_infer(cfg, run)
 
 
-def preflight(r: TrainSession, stages: Sequence[str]) -> None:
+def preflight(r: TrainSession, stages: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray] | None:
     """Everything that can be checked before hours of work: the output folder is writable, the
-    faces are there, and the labels make stratified folds (each named, with the fix, on failure)."""
+    faces are there, and the labels make stratified folds (each named, with the fix, on failure).
+    Returns the checked (label rows, folds) for fine-tuning, so they are read once."""
     if r.env.is_main:
         probe = r.out / ".write_test"
         try:
@@ -62,6 +63,8 @@ def preflight(r: TrainSession, stages: Sequence[str]) -> None:
         folds = assign_folds(df, r.cfg.n_folds, r.cfg.fold_seed)
         per_fold = [np.bincount(df.target_feature.to_numpy()[folds == k], minlength=2) for k in range(r.cfg.n_folds)]
         r.log.info("checked before training: " + ", ".join(f"fold {k} {c[0]} real / {c[1]} fake" for k, c in enumerate(per_fold)))
+        return df, folds
+    return None
 
 
 def inference_folds(r: TrainSession) -> FoldSet:
