@@ -31,7 +31,8 @@ class TrainConfig:
     drop_path: float = 0.0
     stem: str = "standard"  # standard (ConvNeXt V2) | highpass: stem filters kept zero-sum (TitanNet; from scratch on small data)
     # schedule
-    batch_size: int = 8
+    # "auto" sets auto_batch: the largest batch that fits (halving from batch × accum on OOM), accum raised to keep the product
+    batch_size: int = field(default=8, metadata={"auto": "auto_batch"})
     accum_steps: int = 4
     num_workers: int = 4
     seed: int = 3407
@@ -71,6 +72,7 @@ class TrainConfig:
     init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
     force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
     raw_test_dir: str = "data/dataset/test_images"  # the test set: its images (else the test face crops) get a row each
+    auto_batch: bool = False       # --batch-size auto: probe the device for the largest batch, keep batch × accum_steps
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -139,6 +141,10 @@ def apply_overrides(cfg, overrides: dict[str, Any]):
     hints = get_type_hints(type(cfg))
     out = {}
     for k, v in overrides.items():
+        auto = _field(cfg, k).metadata.get("auto") if k in hints else None
+        if auto and isinstance(v, str) and v.strip().lower() == "auto":
+            out[auto] = True  # e.g. --batch-size auto: the field keeps its value, the probe starts from it
+            continue
         if k not in hints:
             close = [f for f in hints if k.replace("-", "_") == f or k in f]
             raise ValueError(f"unknown config field {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -174,7 +180,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, presets: d
     hints = get_type_hints(cls)
     for f in fields(cls):
         meta, typ, default = f.metadata, hints[f.name], _default(f)
-        help_text = (meta.get("help") or "") + f" (default: {default})"
+        help_text = (meta.get("help") or "") + (" ('auto': the largest that fits the device)" if meta.get("auto") else "") \
+            + f" (default: {default})"
         dest = f"cfg_{f.name}"
         if meta.get("positional"):
             group.add_argument(dest, nargs="*", default=None, metavar=f.name.upper(), help=help_text)

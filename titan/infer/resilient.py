@@ -20,7 +20,7 @@ from ..config import ScriptOptions, option
 from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
 from .folds import Fold
 from .tta import ensemble_probability, predict_batches
-from ..device import resolve_device
+from ..device import halved, is_oom, release_memory, resolve_device
 
 log = logging.getLogger("titan")
 
@@ -69,11 +69,6 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
-
-
 @dataclass
 class ResilientPredictor:
     """Per-fold TTA logits for uint8 batches; shrinks the batch on OOM, falls back to CPU."""
@@ -107,9 +102,8 @@ class ResilientPredictor:
         self.device, self.on_device = torch.device("cpu"), self.models
 
     def _shrink(self, error_name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        new = max(1, self.batch_size // 2)
+        release_memory(self.device)
+        new = halved(self.batch_size)
         self.notes.append(f"out of memory at batch {self.batch_size}: retried at {new}")
         log.warning("out of memory at batch %d (%s); retrying at %d", self.batch_size, error_name, new)
         self.batch_size = new
@@ -213,18 +207,25 @@ def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int 
                  views: Sequence[str] = ("identity", "hflip"), amp: bool = True, num_workers: int = 0,
                  progress: bool = True) -> Scores:
     """Score every image of ``dataset`` with every fold (TTA logits), resiliently."""
-    from tqdm import tqdm
-
     notes: list[str] = []
     dev = pick_device(device, notes)
     predictor = ResilientPredictor([f.model.eval() for f in folds], [f.name for f in folds], dev, list(views),
                                    batch_size, amp, notes)
-    n = len(dataset)
-    logits = np.full((len(folds), n), np.nan, dtype=np.float32)
-    status = np.full(n, FAILED, dtype=np.int64)
-    reasons = [""] * n
     loader = DataLoader(dataset, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers,
                         pin_memory=predictor.device.type == "cuda", persistent_workers=False)
+    logits, status, reasons = score_batches(predictor, loader, len(dataset), progress)
+    return Scores(list(dataset.ids), logits, status, reasons, [f.name for f in folds], str(predictor.device),
+                  predictor.batch_size, notes)
+
+
+def score_batches(predictor: ResilientPredictor, loader, n: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits (n_folds, n), status, reasons) over an ``ImagesToScore`` loader of ``n`` images
+    (``--estimate`` times this same loop over a few batches)."""
+    from tqdm import tqdm
+
+    logits = np.full((len(predictor.models), n), np.nan, dtype=np.float32)
+    status = np.full(n, FAILED, dtype=np.int64)
+    reasons = [""] * n
     with tqdm(total=n, desc="scoring", unit="img", disable=not progress, leave=False) as bar:
         for x, idx, st, why in loader:
             idx, st = idx.numpy(), st.numpy()
@@ -235,8 +236,7 @@ def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int 
             if ok.any():
                 logits[:, idx[ok]] = predictor(x[torch.from_numpy(ok)])
             bar.update(len(idx))
-    return Scores(list(dataset.ids), logits, status, reasons, [f.name for f in folds], str(predictor.device),
-                  predictor.batch_size, notes)
+    return logits, status, reasons
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..device import full_precision
+from ..device import eager, full_precision
 
 SRM_SCALE = 3.0
 FFT_SHIFT, FFT_SCALE = 3.0, 3.0
@@ -33,6 +33,7 @@ class FrequencyInput(nn.Module):
         super().__init__()
         self.register_buffer("srm_kernel", srm_kernel())
 
+    @eager  # inductor cannot lower the FFT: torch.compile covers what follows this input
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # FFT has no bf16/fp16 kernels worth trusting: the whole transform runs in fp32.
         with full_precision(x.device):

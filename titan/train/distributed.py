@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..device import configure_cuda, place, resolve_device
+from ..device import compile_model, configure_cuda, place, resolve_device
 
 
 @dataclass
@@ -102,7 +102,8 @@ def all_gather_objects(env: DistEnv, items: list) -> list:
 
 
 def prepare_model(model: nn.Module, env: DistEnv, channels_last: bool = False, compile: bool = False) -> nn.Module:
-    """Place on the device (NHWC weights if asked), wrap in DDP, then torch.compile if asked.
+    """Place on the device (NHWC weights if asked), wrap in DDP, then torch.compile if asked
+    (everything after the eager 9-channel input: ``titan.device.compile_model``).
 
     Keep a reference to the unwrapped model for state dicts; checkpoints strip prefixes anyway.
     """
@@ -110,7 +111,7 @@ def prepare_model(model: nn.Module, env: DistEnv, channels_last: bool = False, c
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if compile:
-        model = torch.compile(model)
+        model = compile_model(model)
     return model
 
 def no_sync(model: nn.Module, sync: bool):

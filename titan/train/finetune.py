@@ -31,7 +31,7 @@ from ..models.convnextv2 import keep_stem_highpass
 from ..models.heads import build_head
 from ..runlog import RunLog
 from . import distributed, optim, state
-from .epoch import predict_logits, train_one_epoch
+from .epoch import EpochStats, predict_logits, train_one_epoch
 from .session import TrainSession, face_dirs, resolved_identity, session
 
 # A finished fold whose files were written with other values of these is not reused.
@@ -230,17 +230,33 @@ def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarr
     return binary_metrics(y, probs), val_loss, idx, probs
 
 
-def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inputs: dict[str, str]) -> dict:
-    """Fine-tune fold ``k`` (resuming its newest complete epoch state) and save its best epoch."""
-    cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
-    state.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)  # the same start whether or not other folds ran here
-    d = fold_data(r, df, folds, k)
+def fold_model(r: TrainSession, d: FoldData, log: RunLog) -> tuple[Classifier, torch.nn.Module, optim.Stepper]:
+    """(the fold's classifier from the SSL backbone, the same placed for the device, its stepper)."""
+    cfg, env = r.cfg, r.env
     raw = build_classifier(cfg, r.files.ssl_weights, log, d.pos_weight)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup_epochs, cfg.ft_epochs,
                                  math.ceil(len(d.loader) / cfg.accum_steps), cfg, env)
     if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
         keep_stem_highpass(raw.backbone, stepper.optimizer)
+    return raw, model, stepper
+
+
+def finetune_epoch(r: TrainSession, model: torch.nn.Module, loader, stepper: optim.Stepper, aug: torch.nn.Module,
+                   name: str) -> EpochStats:
+    """One fine-tuning epoch over ``loader``: augmented faces and labels in, the classifier's loss out."""
+    dev = r.env.device
+    return train_one_epoch(model, loader, stepper, r.env, r.cfg.amp,
+                           lambda b: (augment_batch(aug, r.images(b[0])), b[1].to(dev, non_blocking=True)),
+                           lambda m, x, y: m(x, y)[1], name)
+
+
+def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inputs: dict[str, str]) -> dict:
+    """Fine-tune fold ``k`` (resuming its newest complete epoch state) and save its best epoch."""
+    cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
+    state.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)  # the same start whether or not other folds ran here
+    d = fold_data(r, df, folds, k)
+    raw, model, stepper = fold_model(r, d, log)
     aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
@@ -252,9 +268,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
 
     for epoch in range(start, cfg.ft_epochs):
         d.sampler.set_epoch(epoch)
-        st = train_one_epoch(model, d.loader, stepper, env, cfg.amp,
-                             lambda b: (augment_batch(aug, r.images(b[0])), b[1].to(dev, non_blocking=True)),
-                             lambda m, x, y: m(x, y)[1], f"Fold {k} epoch {epoch + 1}")
+        st = finetune_epoch(r, model, d.loader, stepper, aug, f"Fold {k} epoch {epoch + 1}")
         m, val_loss, idx, probs = validate(r, model, d)
         log.info(f"Fold {k} Ep {epoch + 1} | Loss: {st.loss:.4f} | Val F1: {m['f1']:.4f} (th={m['threshold']:.2f}) | "
                  f"AUC: {m['roc_auc']:.4f} | AP: {m['ap']:.4f} | LR: {stepper.lr:.1e}")

@@ -8,6 +8,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import torch.nn as nn
 from torch.utils.data import ConcatDataset
 
 from ..checkpoints import read_meta, save_checkpoint
@@ -19,7 +20,7 @@ from ..models.archs import resolve_arch
 from ..models.convnextv2 import build_backbone, keep_stem_highpass
 from ..models.simmim import SimMIM
 from . import distributed, optim, state
-from .epoch import train_one_epoch
+from .epoch import EpochStats, train_one_epoch
 from .session import TrainSession, face_dirs, session
 
 SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio")
@@ -52,6 +53,25 @@ def ssl_done(r: TrainSession, inputs: dict[str, str]) -> bool:
     return True
 
 
+def ssl_model(r: TrainSession, variant: str, steps_per_epoch: int) -> tuple[SimMIM, nn.Module, optim.Stepper]:
+    """(SimMIM around a fresh backbone, the same placed for the device, its stepper: AdamW, warm-up + cosine)."""
+    cfg, env = r.cfg, r.env
+    raw = SimMIM(build_backbone(variant, cfg.drop_path, cfg.stem), cfg.mask_patch, cfg.mask_ratio)
+    raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
+    model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
+    stepper = optim.make_stepper(raw, model, cfg.ssl_lr, cfg.ssl_weight_decay, cfg.ssl_warmup_epochs, cfg.ssl_epochs,
+                                 steps_per_epoch, cfg, env)
+    if cfg.stem == "highpass":
+        keep_stem_highpass(raw.encoder, stepper.optimizer)
+    return raw, model, stepper
+
+
+def ssl_epoch(r: TrainSession, model: nn.Module, loader, stepper: optim.Stepper, aug: nn.Module, name: str) -> EpochStats:
+    """One SimMIM epoch over ``loader``: augmented faces in, the masked-pixel L1 loss out."""
+    return train_one_epoch(model, loader, stepper, r.env, r.cfg.amp, lambda b: (augment_batch(aug, r.images(b[0])),),
+                           lambda m, x: m(x)[0], name)
+
+
 def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
     """SimMIM pretraining → the SSL backbone's path (None when SimMIM does not apply or is off).
 
@@ -74,13 +94,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         sampler = distributed.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = r.loader(dataset, cfg.batch_size, sampler)
 
-        raw = SimMIM(build_backbone(arch.variant, cfg.drop_path, cfg.stem), cfg.mask_patch, cfg.mask_ratio)
-        raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
-        model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
-        stepper = optim.make_stepper(raw, model, cfg.ssl_lr, cfg.ssl_weight_decay, cfg.ssl_warmup_epochs, cfg.ssl_epochs,
-                                     math.ceil(len(loader) / cfg.accum_steps), cfg, env)
-        if cfg.stem == "highpass":
-            keep_stem_highpass(raw.encoder, stepper.optimizer)
+        raw, model, stepper = ssl_model(r, arch.variant, math.ceil(len(loader) / cfg.accum_steps))
         aug = build_augment("ssl").to(dev)
 
         start, loss = 0, float("nan")
@@ -93,8 +107,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
 
         for epoch in range(start, cfg.ssl_epochs):
             sampler.set_epoch(epoch)
-            st = train_one_epoch(model, loader, stepper, env, cfg.amp, lambda b: (augment_batch(aug, r.images(b[0])),),
-                                 lambda m, x: m(x)[0], f"SSL epoch {epoch + 1}")
+            st = ssl_epoch(r, model, loader, stepper, aug, f"SSL epoch {epoch + 1}")
             loss = st.loss
             log.info(f"SSL Ep {epoch + 1} | Loss: {loss:.4f} | LR: {stepper.lr:.1e}")
             log.record("ssl_epoch", epoch=epoch + 1, loss=loss, lr=stepper.lr, img_s=st.img_s, bad_steps=st.bad_steps)
