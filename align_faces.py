@@ -2,6 +2,7 @@
 
     python align_faces.py                       # data/dataset/{train,test}_images → data/faces_512/{train,test}
     python align_faces.py --splits test --shard 0/2 --device cuda:0
+    python align_faces.py --estimate            # time a sample, print the projected cost; writes no crops
 
 Inputs:  {--input}/train_images/, {--input}/test_images/ — any PIL-readable image, named {Id}.<ext>.
 Outputs: {--output}/{train,test}/{Id}.jpg (size×size; the largest MTCNN face with margin, or the
@@ -14,7 +15,7 @@ image failed.
 import sys
 
 from titan.config import parse_config
-from titan.data.align import AlignOptions, run_align
+from titan.data.align import AlignOptions, estimate_align, run_align
 from titan.data.images import ImageDecodeError
 from titan.errors import run_command
 
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_config(AlignOptions, argv, __doc__)
 
     def align() -> int:
+        if opts.estimate:
+            estimate_align(opts)
+            return 0
         summaries = run_align(opts)
         return 1 if opts.strict and any(s.failed for s in summaries) else 0
 

@@ -4,6 +4,8 @@
 Command (README recipe; every config field is a flag, ``--help`` lists them):
     python train_v42_diamond.py                       # ssl → finetune → infer
     python train_v42_diamond.py --stages infer        # one stage
+    python train_v42_diamond.py --estimate            # time each stage briefly, print the projected cost; writes no weights
+    python train_v42_diamond.py --batch-size auto     # the largest batch that fits, accumulation keeps batch × accum
     python train_v42_diamond.py --preset tiny --faces-dir data/demo_faces --out-dir runs/tiny
     torchrun --nproc_per_node 8 train_v42_diamond.py  # DDP, same outputs
     python train_v42_diamond.py --arch mobilenetv2    # a baseline of the architecture study:
@@ -33,7 +35,8 @@ from titan.train.pipeline import StageOptions, run_stages
 def main(argv: list[str] | None = None) -> int:
     cfg, opts = parse_config(TrainConfig, argv, __doc__, extra=StageOptions)
     # Bad input or a refused resume: the message names the file/row and the fix; no traceback.
-    return run_command("train_v42_diamond.py", lambda: run_stages(cfg, opts.stage_list()),
+    steps = max(1, opts.estimate_steps) if opts.estimate else 0
+    return run_command("train_v42_diamond.py", lambda: run_stages(cfg, opts.stage_list(), steps),
                        (FileNotFoundError, LabelCSVError, CheckpointError, NonFiniteLossError, ValueError), opts.debug)
 
 

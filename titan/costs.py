@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 # The model counts as waiting on the loader when it idles this share of the warm stretch or more.
 BOTTLENECK_WAIT = 0.10
@@ -32,8 +32,8 @@ class TimedLoader:
 
     It passes ``len`` and ``sampler`` through, so the training code iterates it as the loader."""
 
-    def __init__(self, loader: Iterable) -> None:
-        self.loader, self.sampler = loader, getattr(loader, "sampler", None)
+    def __init__(self, loader: Iterable, size_of: Callable[[object], int] = _batch_len) -> None:
+        self.loader, self.sampler, self.size_of = loader, getattr(loader, "sampler", None), size_of
         self.asked: list[float] = []
         self.came: list[float] = []
         self.sizes: list[int] = []
@@ -53,7 +53,7 @@ class TimedLoader:
                 return
             self.asked.append(t)
             self.came.append(time.perf_counter())
-            self.sizes.append(_batch_len(batch))
+            self.sizes.append(self.size_of(batch))
             yield batch
 
     def window(self, warm: int) -> tuple[int, float, float]:
@@ -164,4 +164,7 @@ def cost_table(rows: Sequence[StageCost], memory_label: str = "peak GiB") -> lis
         lines += [f"  {n}" for n in r.notes]
     total = sum(r.seconds for r in rows)
     lines.append(f"{'total':<22} {'':>9} {sum(r.work.steps for r in rows):9d} {'':>10} {duration(total):>14}")
-    return lines + bottlenecks(rows)
+    slow = bottlenecks(rows)
+    if rows and not slow:
+        lines.append(f"the data loader keeps up: the model waits at most {max(r.wait for r in rows):.0%} of the time")
+    return lines + slow

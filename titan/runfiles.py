@@ -47,6 +47,8 @@ class RunFiles:
     ssl_weights = property(lambda self: self.named("titan_{prefix}_ssl.pth"))
     log_txt = property(lambda self: self.named("training_{prefix}_log.txt"))
     log_jsonl = property(lambda self: self.named("training_{prefix}_log.jsonl"))
+    estimate_log_txt = property(lambda self: self.named("estimate_{prefix}_log.txt"))  # --estimate: its only output
+    estimate_log_jsonl = property(lambda self: self.named("estimate_{prefix}_log.jsonl"))
     config_json = property(lambda self: self.named("config_{prefix}.json"))
     oof_csv = property(lambda self: self.named("oof_{prefix}.csv"))
     metrics_json = property(lambda self: self.named("metrics_{prefix}.json"))

@@ -10,13 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import shutil
+import tempfile
 import time
 import zlib
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +31,8 @@ from tqdm import tqdm
 
 from ..checkpoints import atomic_json, atomic_write
 from ..config import ScriptOptions, option
-from ..device import resolve_device
+from ..costs import StageCost, TimedLoader, Work, cost_table
+from ..device import peak_memory_gib, reset_peak_memory, resolve_device
 from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
 from ..runlog import RunLog
@@ -66,6 +70,9 @@ class AlignOptions(ScriptOptions):
     max_side: int = option(1024, "shrink larger images for detection only")
     min_prob: float = option(0.9, "ignore faces the detector scores below this")
     max_pixels: int = option(MAX_PIXELS, "refuse (as failed, by name) images with more pixels than this; 0 = no limit")
+    estimate: bool = option(False, "time the whole alignment (decode, detect, crop, encode) on a sample of each split "
+                                   "and print the projected cost; writes nothing but align_estimate_log.txt/.jsonl", switch=True)
+    estimate_images: int = option(64, "with --estimate: images sampled per split")
 
 
 @dataclass
@@ -307,7 +314,10 @@ def plan_split(index: ImageIndex, out_dir: Path, opts: AlignOptions) -> tuple[li
     return ids, todo
 
 
-def align_split(detector: FaceDetector, src_dir: Path, out_dir: Path, split: str, opts: AlignOptions, log: RunLog) -> SplitSummary:
+def align_split(detector: FaceDetector, src_dir: Path, out_dir: Path, split: str, opts: AlignOptions, log: RunLog,
+                wrap: Callable[[Iterator], Iterator] = iter) -> SplitSummary:
+    """Crop every image of ``src_dir`` still to do into ``out_dir`` (``wrap``: around the decoding
+    loader, e.g. ``--estimate``'s timer)."""
     index = ImageIndex(src_dir, probe_unknown=True)
     if index.ignored:
         log.info(f"{split}: {len(index.ignored)} file(s) in {src_dir} are not images PIL recognises, ignored: "
@@ -324,7 +334,8 @@ def align_split(detector: FaceDetector, src_dir: Path, out_dir: Path, split: str
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [index.path(i) for i in todo]
-    loader = prefetch(partial(_decode, max_side=detector.max_side, max_pixels=opts.max_pixels), paths, opts.workers, depth=2 * detector.batch_size + 4)
+    loader = wrap(prefetch(partial(_decode, max_side=detector.max_side, max_pixels=opts.max_pixels), paths, opts.workers,
+                           depth=2 * detector.batch_size + 4))
     bar = tqdm(total=len(todo), desc=f"align {split}", unit="img", dynamic_ncols=True)
     max_pending = 4 * detector.batch_size
     pending: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
@@ -390,8 +401,8 @@ def detect_or_fail(detector: FaceDetector, items: list[tuple[int, np.ndarray, np
     return [r for it in items for r in detect_or_fail(detector, [it], log)]
 
 
-def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummary]:
-    """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
+def check_options(opts: AlignOptions) -> dict[str, Path]:
+    """The input folder of every split, after checking the settings (each error names the fix)."""
     if opts.format not in ("jpg", "png"):
         raise ValueError(f"--format {opts.format!r}: choose jpg or png")
     if not 1 <= opts.quality <= 100:
@@ -404,6 +415,12 @@ def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummar
     missing = [str(p) for p in sources.values() if not p.is_dir()]
     if missing:
         raise FileNotFoundError(f"input folder(s) not found: {', '.join(missing)}; check --input, or choose splits with --splits")
+    return sources
+
+
+def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummary]:
+    """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
+    sources = check_options(opts)
     out_root = Path(opts.output)
     log = log or RunLog(out_root / "align_faces_log.txt", out_root / "align_faces_log.jsonl")
     device = resolve_device(opts.device)
@@ -412,10 +429,69 @@ def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummar
              f"{opts.writers} writers, size {opts.size}, margin {opts.margin}")
     log.record("align_config", **asdict(opts), resolved_device=str(device), resolved_batch_size=detector.batch_size)
     summaries = []
-    for split in splits:
-        s = align_split(detector, sources[split], out_root / split, split, opts, log)
+    for split, src in sources.items():
+        s = align_split(detector, src, out_root / split, split, opts, log)
         log.info(f"{split}: {s.face} face, {s.fallback} fallback, {s.failed} failed, {s.stale} stale, {s.skipped} skipped "
                  f"(already done) in {s.seconds:.1f}s — {s.img_s:.1f} images/s")
         log.record("align_summary", **asdict(s), img_s=s.img_s)
         summaries.append(s)
     return summaries
+
+
+# --- --estimate ------------------------------------------------------------------------------------
+
+def estimate_split(detector: FaceDetector, index: ImageIndex, todo: list[str], split: str, opts: AlignOptions) -> StageCost:
+    """Align an evenly spread sample of ``todo`` (or of every image, when all are done) into a
+    temporary folder through ``align_split`` itself, timing how long detection waits on decoding."""
+    pool = todo or index.ids()
+    n = min(len(pool), max(1, opts.estimate_images))
+    sample = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, n)] if pool else []
+    if not sample:
+        return StageCost(f"align {split}", 0.0, Work(0, 0), 0.0, notes=["no images"])
+    with tempfile.TemporaryDirectory(prefix="align_estimate_") as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        for i in sample:
+            link = src / index.path(i).name
+            try:
+                link.symlink_to(index.path(i).resolve())
+            except OSError:  # no symlinks here: a copy times the same
+                shutil.copyfile(index.path(i), link)
+        detector.detect([decode_image(index.path(sample[0]), opts.max_pixels)])  # warm-up: weights, autotune
+        reset_peak_memory(detector.device)
+        timer: list[TimedLoader] = []
+        quiet = RunLog(None, None, echo=False)
+        align_split(detector, src, Path(tmp) / "out", split, replace(opts, overwrite=True, shard="0/1"), quiet,
+                    wrap=lambda it: timer.append(TimedLoader(it, size_of=lambda _: 1)) or timer[0])
+        end = time.perf_counter()
+    t, warm = timer[0], min(detector.batch_size, len(timer[0].came) - 1)
+    seconds = end - t.came[warm]
+    wait = sum(c - a for a, c in zip(t.asked[warm + 1:], t.came[warm + 1:]))
+    n_todo = len(todo)
+    return StageCost(f"align {split}", (len(t.came) - warm) / max(seconds, 1e-9),
+                     Work(n_todo, math.ceil(n_todo / detector.batch_size)), peak_memory_gib(detector.device),
+                     wait / max(seconds, 1e-9), t.warmup_seconds(warm),
+                     notes=[f"{len(sample)} sampled of {len(index)} images, {n_todo} still to do"])
+
+
+def estimate_align(opts: AlignOptions) -> list[StageCost]:
+    """``align_faces.py --estimate``: the projected cost of each split, logged as a table; the
+    output folder gets only ``align_estimate_log.txt`` / ``.jsonl`` (the sample is aligned into a
+    temporary folder that is removed)."""
+    sources = check_options(opts)
+    out_root = Path(opts.output)
+    log = RunLog(out_root / "align_estimate_log.txt", out_root / "align_estimate_log.jsonl")
+    device = resolve_device(opts.device)
+    detector = FaceDetector(device, opts.batch_size or None, max_side=opts.max_side, min_prob=opts.min_prob)
+    log.info(f"align_faces --estimate: device {device}, detection batch {detector.batch_size}, {opts.workers} loader "
+             f"workers, {opts.writers} writers, up to {opts.estimate_images} images per split")
+    rows = []
+    for split, src in sources.items():
+        index = ImageIndex(src, probe_unknown=True)
+        _, todo = plan_split(index, out_root / split, opts)
+        rows.append(estimate_split(detector, index, todo, split, opts))
+    for line in cost_table(rows, "peak GiB" if device.type == "cuda" else "RSS GiB"):
+        log.info(line)
+    log.record("align_estimate", device=str(device), batch_size=detector.batch_size, workers=opts.workers,
+               stages=[r.as_dict() for r in rows], total_seconds=sum(r.seconds for r in rows))
+    return rows

@@ -211,11 +211,17 @@ def score_images(folds: Sequence[Fold], dataset: ImagesToScore, batch_size: int 
     dev = pick_device(device, notes)
     predictor = ResilientPredictor([f.model.eval() for f in folds], [f.name for f in folds], dev, list(views),
                                    batch_size, amp, notes)
-    loader = DataLoader(dataset, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers,
-                        pin_memory=predictor.device.type == "cuda", persistent_workers=False)
+    loader = scoring_loader(dataset, batch_size, num_workers, predictor.device)
     logits, status, reasons = score_batches(predictor, loader, len(dataset), progress)
     return Scores(list(dataset.ids), logits, status, reasons, [f.name for f in folds], str(predictor.device),
                   predictor.batch_size, notes)
+
+
+def scoring_loader(dataset: ImagesToScore, batch_size: int, num_workers: int, device: torch.device,
+                   sampler=None) -> DataLoader:
+    """Batches of ``dataset`` in order (or in ``sampler``'s), pinned for CUDA."""
+    return DataLoader(dataset, batch_size=max(1, batch_size), shuffle=False, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
 
 
 def score_batches(predictor: ResilientPredictor, loader, n: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:

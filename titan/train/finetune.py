@@ -230,13 +230,14 @@ def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarr
     return binary_metrics(y, probs), val_loss, idx, probs
 
 
-def fold_model(r: TrainSession, d: FoldData, log: RunLog) -> tuple[Classifier, torch.nn.Module, optim.Stepper]:
+def fold_model(r: TrainSession, pos_weight: float | None, steps_per_epoch: int,
+               log: RunLog) -> tuple[Classifier, torch.nn.Module, optim.Stepper]:
     """(the fold's classifier from the SSL backbone, the same placed for the device, its stepper)."""
     cfg, env = r.cfg, r.env
-    raw = build_classifier(cfg, r.files.ssl_weights, log, d.pos_weight)
+    raw = build_classifier(cfg, r.files.ssl_weights, log, pos_weight)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup_epochs, cfg.ft_epochs,
-                                 math.ceil(len(d.loader) / cfg.accum_steps), cfg, env)
+                                 steps_per_epoch, cfg, env)
     if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
         keep_stem_highpass(raw.backbone, stepper.optimizer)
     return raw, model, stepper
@@ -256,7 +257,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
     cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
     state.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)  # the same start whether or not other folds ran here
     d = fold_data(r, df, folds, k)
-    raw, model, stepper = fold_model(r, d, log)
+    raw, model, stepper = fold_model(r, d.pos_weight, math.ceil(len(d.loader) / cfg.accum_steps), log)
     aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import ScriptOptions, TrainConfig, option
+from ..config import ScriptOptions, TrainConfig, option, save_config
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
 from ..infer.folds import FoldSet
@@ -24,19 +24,29 @@ from ..infer.submission import fill_unscored, raw_test_index, submission_frame, 
 from ..infer.tta import parse_tta
 from . import distributed
 from .finetune import assign_folds, load_labels, run_finetune
+from .estimate import estimate, with_auto_batch
 from .session import TrainSession, face_dirs, session
 from .ssl import run_ssl
 
 STAGES = ("ssl", "finetune", "infer")
 
 
-def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
-    """Run the named stages in pipeline order."""
+def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES, estimate_steps: int = 0) -> None:
+    """Run the named stages in pipeline order; ``estimate_steps`` > 0: only time that many
+    micro-batches of each and log the projected cost (``titan.train.estimate``), writing nothing else."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    with session(cfg) as run:
-        labels = preflight(run, stages)
+    with session(cfg, estimate=estimate_steps > 0) as run:
+        labels = preflight(run, stages, probe_writable=estimate_steps == 0)
+        if cfg.auto_batch:
+            run = with_auto_batch(run, stages)
+            cfg = run.cfg
+            if run.env.is_main and not estimate_steps:
+                save_config(cfg, run.files.config_json)  # the resolved batch and accumulation
+        if estimate_steps:
+            estimate(run, stages, labels, estimate_steps)
+            return
         if "ssl" in stages:
             run_ssl(cfg, run)
         if "finetune" in stages:
@@ -45,11 +55,11 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES) -> None:
             run_infer(cfg, run)
 
 
-def preflight(r: TrainSession, stages: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray] | None:
+def preflight(r: TrainSession, stages: Sequence[str], probe_writable: bool = True) -> tuple[pd.DataFrame, np.ndarray] | None:
     """Everything that can be checked before hours of work: the output folder is writable, the
     faces are there, and the labels make stratified folds (each named, with the fix, on failure).
     Returns the checked (label rows, folds) for fine-tuning, so they are read once."""
-    if r.env.is_main:
+    if r.env.is_main and probe_writable:
         probe = r.out / ".write_test"
         try:
             probe.write_text("ok")
@@ -138,6 +148,9 @@ class StageOptions(ScriptOptions):
     """train_v42_diamond.py's own flag; every other flag is a TrainConfig field."""
 
     stages: str = option(",".join(STAGES), "comma-separated stages to run, in pipeline order")
+    estimate: bool = option(False, "time a short warm stretch of each stage and print the projected cost; "
+                                   "writes nothing but estimate_v42_log.txt/.jsonl", switch=True)
+    estimate_steps: int = option(8, "with --estimate: timed micro-batches per stage, after one warm-up window")
 
     def __post_init__(self) -> None:  # a typo is a usage error before anything runs
         bad = [s for s in self.stage_list() if s not in STAGES]

@@ -96,8 +96,9 @@ class WarningsToRunLog(logging.Handler):
 
 
 @contextmanager
-def session(cfg: TrainConfig, run: TrainSession | None = None) -> Iterator[TrainSession]:
-    """Open (or reuse) a session: join the process group, open the logs, write the config."""
+def session(cfg: TrainConfig, run: TrainSession | None = None, estimate: bool = False) -> Iterator[TrainSession]:
+    """Open (or reuse) a session: join the process group, open the logs, write the config.
+    ``estimate``: the estimate's own log is the only file written (no config, no training log)."""
     if run is not None:
         yield run
         return
@@ -106,12 +107,13 @@ def session(cfg: TrainConfig, run: TrainSession | None = None) -> Iterator[Train
         # Small models on a shared CPU: extra OpenMP threads spin and slow every op down.
         torch.set_num_threads(cfg.threads)
     files = RunFiles(Path(cfg.out_dir), PREFIX)
-    log = RunLog(files.log_txt, files.log_jsonl, enabled=env.is_main)
+    log = RunLog(*((files.estimate_log_txt, files.estimate_log_jsonl) if estimate else (files.log_txt, files.log_jsonl)),
+                 enabled=env.is_main)
     handler = WarningsToRunLog(log)
     logger = logging.getLogger("titan")
     logger.addHandler(handler)
     try:
-        if env.is_main:
+        if env.is_main and not estimate:
             files.folder.mkdir(parents=True, exist_ok=True)
             save_config(cfg, files.config_json)
         log.record("config", **dataclasses.asdict(cfg))
