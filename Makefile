@@ -1,5 +1,6 @@
 # make test  — create .venv if missing, install requirements, run the test suite (CPU)
 # make demo  — the whole pipeline on a bundled real-photo deepfake set
+# make bench — every benchmark on this device → bench/results/<device>.json and .md (a few minutes on CPU)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -23,6 +24,9 @@ test: $(STAMP)
 # The demo set is built from photos that installed packages ship; nothing is downloaded.
 demo: $(STAMP)
 	$(PY) -m titan.demo.run --out demo_run
+
+bench: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
