@@ -50,11 +50,10 @@ def probe(r: TrainSession, kind: str, batch: int) -> None:
     images: raises out of memory when the batch does not fit. Uncompiled (one shape, many tries)."""
     pr = dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, compile=False, accum_steps=1))
     cfg, dev = pr.cfg, pr.env.device
-    if kind == "ssl":
-        raw, model, stepper = ssl_model(pr, resolve_arch(cfg.arch, cfg.variant).variant, 1)
-    else:
-        raw, model, stepper = fold_model(pr, None, 1, QUIET)
-    try:
+    built = model = stepper = None
+    try:  # building may run out of memory too
+        built = ssl_model(pr, resolve_arch(cfg.arch, cfg.variant).variant, 1) if kind == "ssl" else fold_model(pr, None, 1, QUIET)
+        _, model, stepper = built
         y = (torch.arange(batch, device=dev) % 2).float()
         for i in range(2):
             x = to_float_image(torch.randint(0, 256, (batch, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8), dev,
@@ -65,7 +64,7 @@ def probe(r: TrainSession, kind: str, batch: int) -> None:
             stepper.update()
         synchronize(dev)
     finally:
-        del raw, model, stepper
+        built = model = stepper = None  # drop the probe's tensors before the next, smaller try
         release_memory(dev)
 
 
