@@ -195,7 +195,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24p
 h1{font-size:22px;margin:0 0 6px}
 .meta{color:#4b5563;font-size:13px;margin:0 0 4px}
 .legend{font-size:12px;color:#4b5563;margin:8px 0 18px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:16px}
+.grid{display:grid;align-items:start;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:16px}
 .card{background:#fff;border:1px solid #e5e7eb;border-left:6px solid #9ca3af;border-radius:8px;padding:12px}
 .card.fake{border-left-color:#dc2626}.card.real{border-left-color:#16a34a}.card.uncertain{border-left-color:#d97706}
 .imgs{display:flex;gap:10px;align-items:flex-start}
@@ -238,7 +238,7 @@ class HtmlReport:
             interp = cv2.INTER_AREA if cam.shape[0] > 160 else cv2.INTER_CUBIC
             small = cv2.resize(cam, (160, 160), interpolation=interp)
             imgs.append(f'<figure><img class="cam" src="{_data_uri(_jpeg(small, 90), "image/jpeg")}" '
-                        f'alt="Grad-CAM of the most fake face"><figcaption>Grad-CAM, most fake face</figcaption></figure>')
+                        f'alt="Grad-CAM of the most fake face"><figcaption>Grad-CAM of the most fake face</figcaption></figure>')
         if res.scored:
             c = self.calibration
             cth = 100 * c.calibrated_threshold
