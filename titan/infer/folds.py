@@ -327,7 +327,9 @@ class FoldSet:
         notes = []
         if t is None:
             t = 1.0
-            notes.append(f"no temperature recorded ({where}; a run from before calibration): temperature 1")
+            missing = self.run is None or not self.run.metrics_json.is_file()
+            notes.append(f"no temperature recorded ({'no ' + where if missing else where + ' is from before calibration'}): "
+                         "temperature 1")
             say(f"NOTICE: {notes[-1]}")
         if band is None:
             oof = _read_oof(self.run.oof_csv) if self.run is not None else None
