@@ -56,7 +56,7 @@ def test_calibrated_probability_is_monotone_in_the_raw_one_and_keeps_the_decisio
         decision, verdict = c.verdicts(z)
         assert (decision == np.where(raw >= 0.37, "fake", "real")).all()  # T never moves a decision
         inside = verdict == "uncertain"
-        assert (np.abs(cal[inside] - c.calibrated_threshold) <= 0.05 + 1e-12).all()
+        assert (np.abs(cal[inside] - c.calibrated_cut) <= 0.05 + 1e-12).all()
         assert (verdict[~inside] == decision[~inside]).all()
 
 

@@ -102,13 +102,13 @@ def choose_band(logits, temperature: float, threshold: float, share: float = BAN
     z = z[np.isfinite(z)]
     if len(z) < MIN_ROWS:
         return DEFAULT_BAND
-    d = np.abs(calibrated_probability(z, temperature) - calibrated_threshold(threshold, temperature))
+    d = np.abs(calibrated_probability(z, temperature) - calibrate_prob(threshold, temperature))
     return float(min(max(np.quantile(d, share), 1e-4), 0.5))
 
 
-def calibrated_threshold(threshold: float, temperature: float) -> float:
-    """The run's threshold (on the raw P scale) on the calibrated scale."""
-    return float(calibrated_probability(logit_of(threshold), temperature))
+def calibrate_prob(prob: float, temperature: float) -> float:
+    """A raw probability (e.g. the run's threshold) on the calibrated scale: σ(logit(p) / T)."""
+    return float(calibrated_probability(logit_of(prob), temperature))
 
 
 def calibrate_oof(labels, probs, threshold: float) -> dict:
@@ -130,8 +130,9 @@ class Calibration:
     note: str = ""
 
     @property
-    def calibrated_threshold(self) -> float:
-        return calibrated_threshold(self.threshold, self.temperature)
+    def calibrated_cut(self) -> float:
+        """The threshold on the calibrated scale."""
+        return calibrate_prob(self.threshold, self.temperature)
 
     def probabilities(self, logits) -> tuple[np.ndarray, np.ndarray]:
         """(raw P, calibrated P) of ensemble logits."""
@@ -141,5 +142,5 @@ class Calibration:
         """(decision at the threshold: "fake"/"real", verdict: "fake"/"real"/"uncertain") per logit."""
         prob, cal = self.probabilities(logits)
         decision = np.where(prob >= self.threshold, "fake", "real")
-        uncertain = np.abs(cal - self.calibrated_threshold) <= self.band
+        uncertain = np.abs(cal - self.calibrated_cut) <= self.band
         return decision, np.where(uncertain, "uncertain", decision)

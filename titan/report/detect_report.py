@@ -70,7 +70,7 @@ def _note(r: InputResult) -> str:
     if not r.scored:
         return r.error
     n_faces = sum(f.status == FACE for f in r.faces)
-    parts = [f"most suspicious frame {r.frame} of {r.n_frames}" if r.kind == "video" else ""]
+    parts = [f"most suspicious frame: {r.frame} ({r.n_frames} frames sampled)" if r.kind == "video" else ""]
     parts.append(r.error)
     if r.status == "ok" and r.kind == "image" and n_faces > 1:
         parts.append(f"{n_faces} faces: the most fake decides")
@@ -90,7 +90,7 @@ def format_table(results: Sequence[InputResult], cal: Calibration, width: int = 
     counts = {v: sum(r.verdict == v for r in results if r.scored) for v in ("fake", "real", "uncertain")}
     errors = sum(not r.scored for r in results)
     lines.append(f"{len(results)} input(s): {counts['fake']} fake, {counts['real']} real, {counts['uncertain']} uncertain, "
-                 f"{errors} error(s) | fake when P(fake) ≥ {cal.threshold:.3f} (calibrated {cal.calibrated_threshold:.3f}); "
+                 f"{errors} error(s) | fake when P(fake) ≥ {cal.threshold:.3f} (calibrated {cal.calibrated_cut:.3f}); "
                  f"uncertain within ±{cal.band:.3f} of it (calibrated); temperature {cal.temperature:.3f}")
     return "\n".join(lines)
 
@@ -241,7 +241,7 @@ class HtmlReport:
                         f'alt="Grad-CAM of the most fake face"><figcaption>Grad-CAM of the most fake face</figcaption></figure>')
         if res.scored:
             c = self.calibration
-            cth = 100 * c.calibrated_threshold
+            cth = 100 * c.calibrated_cut
             lo, hi = max(0.0, cth - 100 * c.band), min(100.0, cth + 100 * c.band)
             verdict = (f"{res.verdict.upper()} · P(fake) {res.calibrated_prob:.3f} calibrated "
                        f"({res.prob:.3f} raw; {res.decision} at the threshold)")
@@ -262,7 +262,7 @@ class HtmlReport:
         meta = (f"{len(self.cards)} input(s): {n['fake']} fake, {n['real']} real, {n['uncertain']} uncertain, "
                 f"{n['error']} error(s) · {source}")
         legend = (f"Bar: calibrated P(fake) (temperature {c.temperature:.3f}); black line: the run's threshold "
-                  f"({c.threshold:.3f} raw = {c.calibrated_threshold:.3f} calibrated); shaded: the uncertain band "
+                  f"({c.threshold:.3f} raw = {c.calibrated_cut:.3f} calibrated); shaded: the uncertain band "
                   f"(±{c.band:.3f}). Boxes: the faces the verdict rests on; an image's verdict is its most fake face, "
                   "a video's the mean over its sampled frames (shown: the most suspicious frame). Heatmap: Grad-CAM of "
                   "the most fake face for the class called (red = most weight).")
