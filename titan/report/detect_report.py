@@ -312,16 +312,17 @@ def run_detect(opts: DetectOptions, log: RunLog | None = None) -> DetectRun:
     results = detector.run(sources, opts.frames, opts.workers, progress=opts.progress, on_result=report)
     for note in detector.notes:
         log.info(f"degraded: {note}")
-    written = list(heatmaps.written) if heatmaps is not None else []
+    files = []
     if opts.out:
-        written.append(write_rows(opts.out, results))
+        files.append(write_rows(opts.out, results))
     if page is not None:
-        written.append(page.write(opts.html, f"{detector.folds.describe()} from {opts.weights_dir}"))
-    n_scored = sum(r.scored for r in results)
+        files.append(page.write(opts.html, f"{detector.folds.describe()} from {opts.weights_dir}"))
     if heatmaps is not None:
         log.info(f"heatmaps: {len(heatmaps.written)} Grad-CAM overlay(s) in {opts.heatmaps}")
-    for p in written[len(heatmaps.written) if heatmaps is not None else 0:]:
+    for p in files:
         log.info(f"wrote {p}")
+    n_scored = sum(r.scored for r in results)
     if not n_scored:
         log.info(f"no input could be scored ({len(results)} failed; the reasons are in the table)")
+    written = (heatmaps.written if heatmaps is not None else []) + files
     return DetectRun(results, format_table(results, detector.calibration), 0 if n_scored else 2, written)
