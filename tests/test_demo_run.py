@@ -43,8 +43,14 @@ STUB = textwrap.dedent('''
         Path(opt("--out")).mkdir(parents=True, exist_ok=True)
     elif name == "safe_inference.py":
         labels.assign(target_feature=0).to_csv(opt("--out"), index=False)
+    elif name == "detect.py":  # its inputs (test images and the clip) must exist
+        inputs = a[:a.index("--weights-dir")]
+        if not all(Path(x).is_file() for x in inputs):
+            sys.exit(4)
+        Path(opt("--html")).write_text("<html></html>")
 ''')
-SCRIPTS = ("align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "plot_training_curves.py", "safe_inference.py")
+SCRIPTS = ("align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "plot_training_curves.py", "safe_inference.py",
+           "detect.py")
 
 
 @pytest.fixture()
@@ -100,7 +106,16 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
     scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
     expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
-    assert [[c["script"], *c["args"]] for c in calls] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
+    assert [[c["script"], *c["args"]] for c in calls[:-1]] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
+    # then detect.py on a few test images (fakes and reals) and the clip made from them, with run2's folds
+    detect_call = calls[-1]
+    assert detect_call["script"] == "detect.py" and _opts(detect_call["args"])["--weights-dir"] == "run2"
+    inputs = detect_call["args"][:detect_call["args"].index("--weights-dir")]
+    assert inputs[-1] == demo_run.CLIP and (out / demo_run.CLIP).stat().st_size > 0
+    y = pd.read_csv(out / "test_labels.csv").target_feature
+    assert len(inputs) - 1 == min(3, int(y.sum())) + min(3, int((y == 0).sum()))
+    assert all(p.startswith("data/dataset/test_images/") for p in inputs[:-1])
+    assert f"{out.resolve() / 'detect' / 'report.html'}" in (out / "demo_log.txt").read_text()
     assert {c["cwd"] for c in calls} == {str(out.resolve())}
     # stages get sleeping (not spinning) OpenMP threads, as `make test` sets them
     assert {c["omp"] for c in calls} == {"PASSIVE"}
@@ -129,8 +144,9 @@ def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, ph
     expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
     # one training run only; plots and safe inference read run1
     assert [c["script"] for c in calls].count("train_v42_diamond.py") == 1
-    assert calls[-2]["args"] == ["run1", "--out", "run1/plots"]
-    assert _opts(calls[-1]["args"])["--weights-dir"] == "run1" and not (out / "run2").exists()
+    assert calls[-3]["args"] == ["run1", "--out", "run1/plots"]
+    assert _opts(calls[-2]["args"])["--weights-dir"] == "run1" and not (out / "run2").exists()
+    assert calls[-1]["script"] == "detect.py" and _opts(calls[-1]["args"])["--weights-dir"] == "run1"
     assert [[c["script"], *c["args"]] for c in calls[:3]] == [[e[1].split("/")[-1], *e[2:]] for e in expected[:3]]
     assert scores["run"] == "run1" and scores["n_diamonds"] == 0 and scores["files"]["submission"].endswith("run1/submission_v42.csv")
     assert "skipping it" in capsys.readouterr().err

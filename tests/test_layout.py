@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TITAN = ROOT / "titan"
-SCRIPTS = ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "safe_inference.py", "plot_training_curves.py"]
+SCRIPTS = ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "safe_inference.py", "plot_training_curves.py",
+           "detect.py"]
 
 
 def sources(*exclude: str) -> dict[str, str]:

@@ -95,6 +95,10 @@ def test_tiny_run_writes_every_output(tiny_run: Path, data: Path):
     metrics = json.loads((tiny_run / "metrics_v42.json").read_text())
     assert {"threshold", "f1", "roc_auc", "ap", "precision", "recall", "tn", "fp", "fn", "tp", "missed_fakes"} <= set(metrics["oof"])
     assert [f["fold"] for f in metrics["folds"]] == [0, 1]
+    # detect.py's temperature and uncertain band, fitted on the same OOF rows
+    cal = metrics["calibration"]
+    assert 0.05 <= cal["temperature"] <= 20 and 0 < cal["uncertain_band"] <= 0.5
+    assert cal["nll_calibrated"] <= cal["nll_raw"] + 1e-9 and cal["n"] == len(pd.read_csv(tiny_run / "oof_v42.csv"))
     # Every resumable training state is cleaned up once its fold is done.
     assert not list((tiny_run / "checkpoints_v42").glob("fold*_ep*.pth"))
 

@@ -1,5 +1,8 @@
 """Face detection (facenet-pytorch MTCNN) in size buckets, the square face crop, the centre fallback.
 
+align_faces.py keeps the largest face of an image (``FaceDetector.detect``); detect.py scores every
+face (``detect_all``); both crop with ``face_crop``.
+
 MTCNN only batches images of equal size (a mixed batch raises), so ``FaceDetector`` groups
 images by size and runs one batch per group; nothing is ever centre-cropped because a batch
 failed. Boxes are in source pixels. The MTCNN weights ship inside the facenet-pytorch wheel.
@@ -55,44 +58,47 @@ class FaceDetector:
         return shrink_for_detection(img, self.max_side)
 
     def detect(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray] | None = None) -> list[Detection]:
-        """Detect in every image; ``small`` = precomputed ``detection_input`` of each (optional).
+        """The largest face of every image (NO_FACE when there is none); see ``detect_all``."""
+        return [faces[0] if faces else NO_FACE for faces in self.detect_all(images, small)]
+
+    def detect_all(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray] | None = None) -> list[list[Detection]]:
+        """Every face (≥ ``min_prob``) of every image, largest first; ``small`` = precomputed
+        ``detection_input`` of each (optional).
 
         An image (as MTCNN sees it) narrower than the smallest face it looks for holds no face:
-        it gets NO_FACE, so the centre crop, without running MTCNN (which fails on 1×1 or
+        it gets none, so the centre crop, without running MTCNN (which fails on 1×1 or
         20000×100 images instead of answering)."""
         small = list(small) if small is not None else [self.detection_input(im) for im in images]
         buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        out: list[Detection | None] = [None] * len(images)
+        out: list[list[Detection]] = [[] for _ in images]
         for i, s in enumerate(small):
-            if min(s.shape[:2]) < self.min_face_size:
-                out[i] = NO_FACE
-            else:
+            if min(s.shape[:2]) >= self.min_face_size:
                 buckets[s.shape].append(i)
         for idx in buckets.values():
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]
-                dets = self._detect_same_size([small[i] for i in chunk])
-                for i, d in zip(chunk, dets):
-                    out[i] = _rescale(d, images[i].shape, small[i].shape)
-        return out  # type: ignore[return-value]
+                batch = np.stack([small[i] for i in chunk]) if len(chunk) > 1 else small[chunk[0]][None]
+                boxes, probs = self.mtcnn.detect(batch)
+                for i, b, p in zip(chunk, boxes, probs):
+                    out[i] = [_rescale(d, images[i].shape, small[i].shape) for d in all_faces(b, p, self.min_prob)]
+        return out
 
-    def _detect_same_size(self, imgs: list[np.ndarray]) -> list[Detection]:
-        batch = np.stack(imgs) if len(imgs) > 1 else imgs[0][None]
-        boxes, probs = self.mtcnn.detect(batch)
-        return [largest_face(b, p, self.min_prob) for b, p in zip(boxes, probs)]
+
+def all_faces(boxes, probs, min_prob: float = 0.9) -> list[Detection]:
+    """MTCNN's boxes for one image scoring ≥ min_prob, largest first (n_faces counts them)."""
+    if boxes is None:
+        return []
+    boxes, probs = np.asarray(boxes, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    keep = probs >= min_prob
+    boxes, probs = boxes[keep], probs[keep]
+    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
+    return [Detection(tuple(float(v) for v in boxes[k]), float(probs[k]), int(len(boxes))) for k in order]
 
 
 def largest_face(boxes, probs, min_prob: float = 0.9) -> Detection:
     """The largest of MTCNN's boxes for one image scoring ≥ min_prob (n_faces counts those)."""
-    if boxes is None:
-        return NO_FACE
-    boxes, probs = np.asarray(boxes, dtype=np.float64), np.asarray(probs, dtype=np.float64)
-    keep = probs >= min_prob
-    if not keep.any():
-        return NO_FACE
-    boxes, probs = boxes[keep], probs[keep]
-    k = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-    return Detection(tuple(float(v) for v in boxes[k]), float(probs[k]), int(len(boxes)))
+    faces = all_faces(boxes, probs, min_prob)
+    return faces[0] if faces else NO_FACE
 
 
 def shrink_for_detection(img: np.ndarray, max_side: int) -> np.ndarray:

@@ -134,6 +134,28 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
     return np.ascontiguousarray(arr)
 
 
+def to_rgb_array(img, name: str = "image") -> np.ndarray:
+    """An in-memory image (PIL, or a uint8 array HxW / HxWx1 / HxWx3 / HxWx4) → (H,W,3) uint8 RGB,
+    by the same rules as ``decode_image`` (transparency on white, 16-bit scaled); anything else
+    raises ``ImageDecodeError`` naming ``name``."""
+    if isinstance(img, Image.Image):
+        try:
+            arr = np.asarray(_to_rgb(img))
+        except (OSError, ValueError) as e:
+            raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from None
+    else:
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            raise ImageDecodeError(name, f"expected a uint8 array, got {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[2] in (1, 4):
+            arr = np.asarray(_to_rgb(Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)))
+        elif arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageDecodeError(name, f"unexpected image shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:
     """Centre-square crop (no distortion) then resize to size×size (area filter when shrinking)."""
     import cv2

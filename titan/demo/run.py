@@ -6,7 +6,8 @@ Builds the demo set (``titan.demo``) in DIR, then runs, in DIR, printing each co
 align_faces.py → train_v42_diamond.py (demo preset) into run1 → make_diamonds.py with run1's folds
 → train_v42_diamond.py again with the diamonds into run2 (skipped, with a notice, when there are
 none: it would repeat run1) → plot_training_curves.py → safe_inference.py with the last run's
-folds. It ends by scoring that run's submission and probabilities
+folds → detect.py on a few test images and a short video of them (DIR/detect/: CSV, Grad-CAM
+heatmaps and an HTML report). It ends by scoring that run's submission and probabilities
 against DIR/test_labels.csv (F1, ROC-AUC, missed fakes; also written to DIR/demo_scores.json)
 and how often the safe submission agrees with the main one.
 """
@@ -30,6 +31,8 @@ import pandas as pd
 from . import dataset as demo
 from .. import metrics
 from ..checkpoints import atomic_write
+from ..data.ids import id_order
+from ..data.images import ImageIndex, decode_image, square_resize
 from ..data.labels import LabelCSVError, read_labels
 from ..runlog import RunLog
 
@@ -52,8 +55,14 @@ SAFE_FLAGS = {"prefix": "v42", "test-dir": f"{FACES}/test", "raw-test-dir": "dat
 QUICK_N_IMAGES = 48
 QUICK_TRAIN_FLAGS = {"n-folds": 2, "ft-epochs": 1, "ssl-epochs": 1, "img-size": 64}
 RUNS = ("run1", "run2")
+# detect.py at the end: a few test images (fakes and reals) and a short clip made from them.
+DETECT_DIR = "detect"
+DETECT_N_IMAGES = {"fake": 3, "real": 3}
+DETECT_FLAGS = {"out": f"{DETECT_DIR}/detections.csv", "html": f"{DETECT_DIR}/report.html",
+                "heatmaps": f"{DETECT_DIR}/heatmaps", "frames": 6, "tta": "minimal"}
+CLIP = f"{DETECT_DIR}/demo_clip.mp4"
 # What the runner made and removes before a fresh run (never the user's other files in DIR).
-GENERATED = (FACES, DIAMONDS, *RUNS, "demo_scores.json")
+GENERATED = (FACES, DIAMONDS, *RUNS, DETECT_DIR, "demo_scores.json")
 
 
 class DemoRunError(RuntimeError):
@@ -90,6 +99,41 @@ def demo_stages(quick: bool = False, final: str = RUNS[1]) -> list[Stage]:
         Stage("safe inference", "safe_inference.py",
               _flags({"weights-dir": final, **SAFE_FLAGS, "out": f"{final}/submission_safe.csv"})),
     ]
+
+
+def detect_inputs(out: Path) -> list[str]:
+    """A few test images for detect.py (the first fakes and reals by Id), relative to DIR."""
+    labels = read_labels(demo.dataset_paths(out)["test_labels"])
+    index = ImageIndex(out / "data/dataset/test_images")
+    picked = []
+    for name, target in (("fake", 1), ("real", 0)):
+        ids = [i for i in id_order(labels.Id[labels.target_feature == target].tolist()) if i in index]
+        picked += ids[:DETECT_N_IMAGES[name]]
+    return [os.path.relpath(index.path(i), out) for i in picked]
+
+
+def write_clip(path: Path, images: Sequence[Path], side: int = 256, hold: int = 4, fps: int = 4) -> Path:
+    """A short mpeg4 clip (PyAV): each image's centre square at ``side`` px for ``hold`` frames."""
+    import av
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, "w", format="mp4") as c:
+            stream = c.add_stream("mpeg4", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
+            for p in images:
+                frame = av.VideoFrame.from_ndarray(square_resize(decode_image(p), side), format="rgb24")
+                for _ in range(hold):
+                    for pkt in stream.encode(frame):
+                        c.mux(pkt)
+            for pkt in stream.encode(None):
+                c.mux(pkt)
+
+    return atomic_write(path, write)
+
+
+def detect_stage(inputs: Sequence[str], final: str) -> Stage:
+    """detect.py on ``inputs`` and the clip with ``final``'s folds."""
+    return Stage("detect", "detect.py", [*inputs, CLIP, *_flags({"weights-dir": final, **DETECT_FLAGS})])
 
 
 def demo_commands(repo: str | os.PathLike = REPO, python: str = sys.executable, quick: bool = False) -> list[list[str]]:
@@ -221,6 +265,9 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
                  f"original rows only and {RUNS[1]} would repeat {RUNS[0]}: skipping it; plots, safe "
                  f"inference and the scores use {RUNS[0]}")
     times.update(run_stages(demo_stages(quick, final)[len(first):], out, log, repo, python))
+    inputs = detect_inputs(out)
+    write_clip(out / CLIP, [out / p for p in inputs[::2]])
+    times.update(run_stages([detect_stage(inputs, final)], out, log, repo, python))
     scores = score(out, final)
     scores["run"], scores["n_diamonds"] = final, n_diamonds
     scores["seconds"] = {**times, "total": round(time.time() - t0, 1)}
@@ -230,6 +277,8 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
              f"(chance {scores['chance_f1']:.3f}) | ROC-AUC {scores['roc_auc']:.3f} (chance 0.5) | "
              f"missed fakes {scores['missed_fakes']}/{scores['n_fakes']} | safe inference agrees on "
              f"{100 * scores['safe_agreement']:.1f}% of images (F1 {scores['safe_f1']:.3f})")
+    log.info(f"detect.py's report on {len(inputs)} test images and a clip of {len(inputs[::2])} of them: "
+             f"{out / DETECT_FLAGS['html']} (open it in a browser)")
     log.info(f"submission: {scores['files']['submission']}  |  plots: {out / final / 'plots'}  |  "
              f"scores: {out / 'demo_scores.json'}  |  total {scores['seconds']['total']:.0f} s")
     return scores

@@ -16,6 +16,10 @@ report all ask here. The rules (also in the README, "Fold sets"):
   ``metrics_{prefix}.json`` (or the log's ``oof`` record), else the mean of the thresholds the
   folds record (folds without one are left out), else the best-F1 threshold of the OOF
   predictions ``oof_{prefix}.csv``, else 0.5.
+- **Calibration** (``calibration``): the temperature and uncertain band training stored beside the
+  OOF metrics (``metrics_{prefix}.json``, ``"calibration"``; ``titan.infer.calibration``); a run
+  from before that has temperature 1 (said so) and the band of its OOF predictions, else the
+  default band.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
+from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
 from ..metrics import best_f1_threshold
 from ..models.archs import build_arch_backbone, parse_arch
 from ..models.classifier import FoldModel
@@ -155,14 +160,26 @@ def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Seque
     return 0.5, "0.5: no threshold recorded"
 
 
-def _read_metrics(path: Path) -> float | None:
+def _metrics(path: Path) -> dict:
     if not path.is_file():
-        return None
+        return {}
     try:
-        th = json.loads(path.read_text()).get("oof", {}).get("threshold")
-    except (OSError, ValueError, AttributeError) as e:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict) or not isinstance(obj.get("oof", {}), dict):
+            raise ValueError("not a JSON object with an 'oof' object")
+        return obj
+    except (OSError, ValueError) as e:
         raise FoldSetError(f"{path}: unreadable metrics file ({e}); fix or delete it") from None
+
+
+def _read_metrics(path: Path) -> float | None:
+    th = _metrics(path).get("oof", {}).get("threshold")
     return float(th) if isinstance(th, (int, float)) else None
+
+
+def _finite_number(v, lo: float, hi: float) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and lo < v <= hi
+    return float(v) if ok else None
 
 
 def _read_oof(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -298,6 +315,33 @@ class FoldSet:
             return decision_threshold(None, [f.threshold for f in folds])
         return decision_threshold(_read_metrics(self.run.metrics_json), [f.threshold for f in folds],
                                   lambda: _read_oof(self.run.oof_csv), self.run.metrics_json.name)
+
+    def calibration(self, threshold: tuple[float, str] | None = None, say: Callable[[str], None] = log.warning) -> Calibration:
+        """The temperature and uncertain band stored with the OOF metrics, around ``threshold``
+        (default: ``self.threshold()``). A run without them: temperature 1 (said through ``say``)."""
+        th, th_note = threshold or self.threshold()
+        cal = _metrics(self.run.metrics_json).get("calibration", {}) if self.run is not None else {}
+        cal = cal if isinstance(cal, dict) else {}
+        t, band = _finite_number(cal.get("temperature"), 0.0, 1e6), _finite_number(cal.get("uncertain_band"), 0.0, 0.5)
+        where = self.run.metrics_json.name if self.run is not None else "no run folder"
+        notes = []
+        if t is None:
+            t = 1.0
+            missing = self.run is None or not self.run.metrics_json.is_file()
+            notes.append(f"no temperature recorded ({'no ' + where if missing else where + ' is from before calibration'}): "
+                         "temperature 1")
+            say(f"NOTICE: {notes[-1]}")
+        if band is None:
+            oof = _read_oof(self.run.oof_csv) if self.run is not None else None
+            if oof is not None and len(oof[0]):
+                band = choose_band(logit_of(oof[1]), t, th)
+                notes.append(f"uncertain band from {self.run.oof_csv.name}")
+            else:
+                band = DEFAULT_BAND
+                notes.append(f"no out-of-fold data: default uncertain band ±{DEFAULT_BAND}")
+        note = f"temperature {t:.3f}, band ±{band:.3f}, threshold {th:.3f} ({th_note})" + (
+            f"; {'; '.join(notes)}" if notes else f" (from {where})")
+        return Calibration(t, band, th, note)
 
     def describe(self) -> str:
         size, _ = self.img_size

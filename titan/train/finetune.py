@@ -24,6 +24,7 @@ from ..data.augment import augment_batch, build_augment
 from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
+from ..infer.calibration import calibrate_oof
 from ..metrics import binary_metrics, format_metrics
 from ..models.archs import build_arch_backbone, load_init_weights, resolve_arch
 from ..models.classifier import Classifier
@@ -335,10 +336,16 @@ def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -
                    f"{oof.Id[oof.prob.isna()].tolist()[:10]}; they are left out of the OOF metrics")
         oof = oof.dropna(subset=["prob"]).reset_index(drop=True)
     rep = binary_metrics(oof.target_feature.to_numpy(), oof.prob.to_numpy())
-    summary = {"oof": rep, "folds": folds}
+    # detect.py's calibrated probability and uncertain band come from the same OOF rows
+    cal = calibrate_oof(oof.target_feature.to_numpy(), oof.prob.to_numpy(), rep["threshold"])
+    summary = {"oof": rep, "folds": folds, "calibration": cal}
     if r.env.is_main:
         atomic_write(r.files.oof_csv, lambda tmp: oof[["Id", "target_feature", "prob", "fold"]].to_csv(tmp, index=False))
         atomic_json(summary, r.files.metrics_json)
     r.log.info("OOF | " + format_metrics(rep))
     r.log.record("oof", **rep)
+    r.log.info(f"OOF calibration | temperature {cal['temperature']:.3f} (NLL {cal['nll_raw']:.4f} → "
+               f"{cal['nll_calibrated']:.4f}) | uncertain band ±{cal['uncertain_band']:.3f} around the threshold "
+               f"(holds the least-sure {100 * cal['band_share']:.0f}% of OOF faces)")
+    r.log.record("calibration", **cal)
     return summary

@@ -1,0 +1,503 @@
+"""Detection on raw photos, folders and videos: inputs → every face → the fold ensemble's calibrated verdict.
+
+The reusable API behind detect.py (and evaluate.py):
+
+- ``expand_inputs`` turns files, folders (recursive), globs and videos into ``Source`` items; a
+  missing path or an empty glob becomes an item with its error, never dropped.
+- ``Detector`` holds one fold set (``FoldSet``: files, architecture, input size, threshold), its
+  calibration (``titan.infer.calibration``: temperature and uncertain band), align_faces.py's
+  face detector and square crop (``titan.data.faces``: ``detect_all`` in equal-size buckets,
+  ``face_crop``) and the resilient TTA predictor (``titan.infer.resilient`` → ``titan.infer.tta``).
+  ``score_images(named images)`` scores in-memory PIL images or uint8 arrays (nothing is read or
+  written); ``run(specs)`` scores files, folders, globs and videos, decoding ahead in threads.
+- Results are plain records: ``FaceResult`` per face, ``InputResult`` per input. An image's score
+  is its most fake face (no face → the centre square, flagged ``no_face``); a video's is the mean
+  over its sampled frames of each frame's most fake face, in logits, with the most suspicious
+  frame named. ``InputResult.rows()`` gives the CSV/JSONL rows: the faces, then one summary row
+  (empty ``face``).
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..config import ScriptOptions, option
+from ..data.align import prefetch
+from ..data.faces import NO_FACE, Detection, FaceDetector, face_crop
+from ..data.images import IMAGE_EXTS, ImageDecodeError, decode_image, to_chw_uint8, to_rgb_array
+from ..runfiles import RunFiles
+from .calibration import Calibration
+from .folds import FoldSet, FoldSetError
+from .resilient import ResilientPredictor, pick_device
+from .tta import parse_tta
+
+log = logging.getLogger("titan")
+
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
+ROW_COLUMNS = ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision", "verdict", "status", "error"]
+FACE, NO_FACE_STATUS, OK, ERROR = "face", "no_face", "ok", "error"
+
+
+class DetectError(RuntimeError):
+    """No detection is possible (no weights load, folds that disagree, a bad option): the
+    message names what is missing and the fix."""
+
+
+@dataclass
+class DetectOptions(ScriptOptions):
+    """detect.py's flags."""
+
+    inputs: list[str] = option(help="images, folders (recursive), globs and videos (mp4, mov, avi, mkv, webm)",
+                               positional=True, default_factory=lambda: ["data/dataset/test_images"])
+    weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
+    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
+    out: str = option("", "per-face and per-input rows: .csv or .jsonl (by extension); empty = the terminal table only")
+    html: str = option("", "one self-contained HTML page (images embedded, no links): thumbnails, verdicts, bars, heatmaps")
+    heatmaps: str = option("", "folder for Grad-CAM overlays: one PNG per face (videos: the most suspicious frame's)")
+    frames: int = option(32, "frames sampled evenly from each video")
+    uncertain_band: float = option(-1.0, "half-width of the uncertain band around the threshold, calibrated scale; "
+                                         "-1 = the run's (holds its least-sure 10%% of out-of-fold faces)")
+    tta: str = option("full", "full (identity,hflip,rot+5,rot-5: training's inference), minimal (identity,hflip) or a list")
+    img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
+    force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size", switch=True)
+    margin: float = option(0.2, "face-box margin of the square crop (align_faces.py's default)")
+    min_prob: float = option(0.9, "ignore faces the detector scores below this (align_faces.py's default)")
+    max_side: int = option(1024, "shrink larger images for face detection only")
+    batch_size: int = option(32, "faces per forward pass (halved on OOM)")
+    device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
+    workers: int = option(2, "decoding threads (0 = in the main thread)")
+    amp: bool = option(True, "turn off CUDA autocast", flag="--no-amp", switch=False)
+    progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
+
+
+def resolve_tta(spec: str) -> list[str]:
+    return parse_tta(TTA_PRESETS.get(spec, spec))
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One input: ``kind`` image, video, or error (then ``error`` says why)."""
+
+    path: str
+    kind: str
+    error: str = ""
+
+
+def _kind(p: Path) -> str:
+    return "video" if p.suffix.lower() in VIDEO_EXTS else "image"
+
+
+def _media_in(folder: Path) -> tuple[list[Path], int]:
+    """Images and videos under ``folder`` (recursive, sorted, hidden names skipped), and how many
+    other files were passed over."""
+    found, other = [], 0
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS:
+            found.append(p)
+        else:
+            other += 1
+    return found, other
+
+
+def expand_inputs(specs: Sequence[str], say: Callable[[str], None] = log.info) -> list[Source]:
+    """Files (any extension: a file given by name is tried as an image unless it is a video),
+    folders (their images and videos, recursively), globs; each path once, in the order given."""
+    out: list[Source] = []
+    seen: set[str] = set()
+
+    def add(p: Path) -> None:
+        if str(p) not in seen:
+            seen.add(str(p))
+            out.append(Source(str(p), _kind(p)))
+
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            files, other = _media_in(p)
+            if other:
+                say(f"{spec}: {other} file(s) that are neither images nor videos passed over")
+            if not files:
+                out.append(Source(spec, ERROR, f"folder holds no image or video ({', '.join(IMAGE_EXTS + VIDEO_EXTS)})"))
+            for f in files:
+                add(f)
+        elif p.is_file():
+            add(p)
+        elif set(spec) & set("*?["):
+            matches = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
+            files = [m for m in matches if m.is_file()] + [f for m in matches if m.is_dir() for f in _media_in(m)[0]]
+            if not files:
+                out.append(Source(spec, ERROR, "no file matches this pattern"))
+            for f in files:
+                add(f)
+        else:
+            out.append(Source(spec, ERROR, "not found (no such file or folder)"))
+    return out
+
+
+# --- videos ------------------------------------------------------------------------------------
+
+def sample_indices(total: int, n: int) -> list[int]:
+    """``n`` frame indices spread evenly over ``total`` frames, first and last included."""
+    if total <= 0 or n <= 0:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(0, total - 1, min(n, total))})
+
+
+def _count_frames(path: str) -> int:
+    import av
+
+    with av.open(path) as c:
+        return sum(1 for pkt in c.demux(c.streams.video[0]) if pkt.size)
+
+
+def read_video(path: str | os.PathLike, n_frames: int) -> tuple[list[tuple[int, np.ndarray]], str]:
+    """(frame index, HxWx3 uint8 RGB) of ``n_frames`` frames sampled evenly, and a note ("" or why
+    fewer came back). An unreadable video raises ``ImageDecodeError`` naming it and why."""
+    import av
+
+    path = str(path)
+    frames: list[tuple[int, np.ndarray]] = []
+    note = ""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageDecodeError(path, "file is empty (0 bytes)")
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise ImageDecodeError(path, "no video stream in this file")
+            total = int(c.streams.video[0].frames or 0)
+        total = total or _count_frames(path)  # containers that do not say how many frames they hold
+        want = sample_indices(total, n_frames)
+        keep = set(want)
+        with av.open(path) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"
+            i = -1
+            try:
+                for i, fr in enumerate(c.decode(stream)):
+                    if i in keep:
+                        frames.append((i, fr.to_ndarray(format="rgb24")))
+                    if i >= want[-1]:
+                        break
+            except Exception as e:  # noqa: BLE001 — a stream broken part-way keeps the frames before the break
+                if not frames:
+                    raise
+                note = f"decoding stopped after frame {i}: {type(e).__name__}: {e}"
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except Exception as e:  # noqa: BLE001 — anything FFmpeg cannot read is this input's error, by name
+        raise ImageDecodeError(path, f"cannot read video ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise ImageDecodeError(path, f"no frame could be decoded (the container declares {total})")
+    if len(frames) < len(want) and not note:
+        note = f"{len(frames)} of {len(want)} sampled frames decoded (the container declares {total})"
+    return frames, note
+
+
+# --- results -----------------------------------------------------------------------------------
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+@dataclass
+class FaceResult:
+    """One scored face (or the centre square of an image without one: status ``no_face``)."""
+
+    path: str
+    frame: int | None
+    face: int
+    box: tuple[float, float, float, float]  # source pixels (x1, y1, x2, y2)
+    logit: float  # the ensemble's: mean over folds of each fold's TTA-mean logit
+    prob: float
+    calibrated_prob: float
+    decision: str  # at the run's threshold: fake | real
+    verdict: str   # fake | real | uncertain (inside the band)
+    status: str    # face | no_face
+    detector_prob: float | None = None
+    crop: np.ndarray | None = field(default=None, repr=False)  # the scored crop, while the input is being reported
+
+    def row(self) -> dict:
+        return {"path": self.path, "frame": self.frame, "face": self.face, "box": [round(v, 1) for v in self.box],
+                "prob": _num(self.prob), "calibrated_prob": _num(self.calibrated_prob), "decision": self.decision,
+                "verdict": self.verdict, "status": self.status, "error": ""}
+
+
+@dataclass
+class InputResult:
+    """One input's verdict: from its most fake face (a video: the mean over frames, in logits)."""
+
+    path: str
+    kind: str                     # image | video
+    status: str                   # ok | no_face (scored on centre squares only) | error
+    error: str = ""               # why it failed; for a scored input a note ("" when none)
+    faces: list[FaceResult] = field(default_factory=list)
+    logit: float = math.nan
+    prob: float = math.nan
+    calibrated_prob: float = math.nan
+    decision: str = ""
+    verdict: str = ""
+    frame: int | None = None      # video: the most suspicious frame
+    n_frames: int = 0
+    image: np.ndarray | None = field(default=None, repr=False)  # the image / that frame, while being reported
+
+    @property
+    def scored(self) -> bool:
+        return self.status != ERROR
+
+    @property
+    def judged_by(self) -> list[FaceResult]:
+        """The faces the verdict rests on: an image's faces, a video's most suspicious frame's."""
+        return [f for f in self.faces if self.kind != "video" or f.frame == self.frame]
+
+    @property
+    def top_face(self) -> FaceResult | None:
+        faces = self.judged_by
+        return max(faces, key=lambda f: f.logit) if faces else None
+
+    def summary_row(self) -> dict:
+        return {"path": self.path, "frame": self.frame, "face": None, "box": None, "prob": _num(self.prob),
+                "calibrated_prob": _num(self.calibrated_prob), "decision": self.decision, "verdict": self.verdict,
+                "status": self.status, "error": self.error}
+
+    def rows(self) -> list[dict]:
+        """Its faces' rows, then its summary row (``face`` None)."""
+        return [f.row() for f in self.faces] + [self.summary_row()]
+
+    def release(self) -> None:
+        """Drop the pixels kept for reporting."""
+        self.image = None
+        for f in self.faces:
+            f.crop = None
+
+
+def error_result(path: str, kind: str, reason: str) -> InputResult:
+    return InputResult(path, kind, ERROR, reason)
+
+
+def _centre_box(img: np.ndarray) -> tuple[float, float, float, float]:
+    h, w = img.shape[:2]
+    s = min(h, w)
+    x0, y0 = (w - s) // 2, (h - s) // 2
+    return float(x0), float(y0), float(x0 + s), float(y0 + s)
+
+
+# --- the detector ------------------------------------------------------------------------------
+
+class Detector:
+    """A fold set, its calibration, the face detector and a resilient TTA predictor, loaded once."""
+
+    def __init__(self, folds: FoldSet, calibration: Calibration, views: Sequence[str] = ("identity", "hflip"),
+                 img_size: int | None = None, device: str = "auto", batch_size: int = 32, amp: bool = True,
+                 margin: float = 0.2, min_prob: float = 0.9, max_side: int = 1024) -> None:
+        if not folds.folds:
+            raise DetectError("no fold to score with")
+        self.folds, self.calibration, self.views = folds, calibration, list(views)
+        self.notes: list[str] = []
+        self.device = pick_device(device, self.notes)
+        self.img_size = img_size or folds.input_size()
+        self.margin = margin
+        self.face_detector = FaceDetector(self.device, None, max_side=max_side, min_prob=min_prob)
+        self.predictor = ResilientPredictor([f.model.eval() for f in folds.folds], folds.names, self.device,
+                                            self.views, max(1, batch_size), amp, self.notes)
+
+    @classmethod
+    def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = "v42", *, tta: str = "full",
+                 img_size: int = 0, force_img_size: bool = False, band: float | None = None,
+                 say: Callable[[str], None] = log.info, **kwargs) -> "Detector":
+        """The folds of a run folder (any that load; the others are named), at their input size,
+        with the run's threshold and calibration; ``band`` ≥ 0 replaces the run's uncertain band."""
+        views = resolve_tta(tta)
+        try:
+            fs = FoldSet.from_folder(weights_dir, prefix, strict=False)
+            for name, why in fs.skipped:
+                say(f"skipped {name}: {why}")
+            if not fs.folds:
+                rf = RunFiles(Path(weights_dir), prefix)
+                raise DetectError(f"no fold in {weights_dir} loads ({'; '.join(w for _, w in fs.skipped)}); "
+                                  f"detect needs {rf.fold_glob()} with {rf.fold_glob('head')}")
+            size = fs.input_size(img_size, force_img_size, say)
+            cal = fs.calibration(say=say)
+        except FoldSetError as e:
+            raise DetectError(f"{e} (detect reads the folds of --weights-dir; --prefix titan for the V38 release)") from None
+        if band is not None and band >= 0:
+            if band > 0.5:
+                raise DetectError(f"--uncertain-band {band}: a half-width on the probability scale must be ≤ 0.5")
+            cal = replace(cal, band=float(band), note=f"{cal.note}; band set to ±{band:.3f} (--uncertain-band)")
+        det = cls(fs, cal, views, size, **kwargs)
+        say(f"{fs.describe()} from {weights_dir}; input {fs.size_note(size)}; TTA {','.join(views)}; "
+            f"device {det.device}; {cal.note}")
+        return det
+
+    # --- faces and scores ---
+
+    def _detect(self, images: Sequence[np.ndarray]) -> list[list[Detection] | str]:
+        """Every face of every image, or (for an image the detector fails on) why."""
+        try:
+            return list(self.face_detector.detect_all(images))
+        except Exception as e:  # noqa: BLE001 — retried image by image below, so one bad image fails alone
+            if len(images) == 1:
+                return [f"face detection failed: {type(e).__name__}: {e}"]
+        return [r for im in images for r in self._detect([im])]
+
+    def _logits(self, crops: list[np.ndarray]) -> np.ndarray:
+        """The ensemble logit of each crop: the mean over the folds still scoring."""
+        if not crops:
+            return np.zeros(0)
+        per_fold = self.predictor(torch.stack([to_chw_uint8(c) for c in crops]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: reported per input
+            return np.nanmean(per_fold.astype(np.float64), axis=0)
+
+    def score_faces(self, images: Sequence[np.ndarray], names: Sequence[str],
+                    frames: Sequence[int | None] | None = None) -> list[list[FaceResult] | str]:
+        """Per image: a FaceResult for every face (the centre square, ``no_face``, when there is
+        none), each with its crop; or the reason the image could not be scored."""
+        frames = list(frames) if frames is not None else [None] * len(images)
+        found = self._detect(images)
+        crops, made = [], []
+        for i, (img, dets) in enumerate(zip(images, found)):
+            if isinstance(dets, str):
+                continue
+            for k, det in enumerate(dets or [NO_FACE]):
+                crop, how = face_crop(img, det, self.img_size, self.margin)
+                box = det.box if how == "face" else _centre_box(img)
+                crops.append(crop)
+                made.append((i, k, box, FACE if how == "face" else NO_FACE_STATUS, det.prob))
+        logits = self._logits(crops)
+        prob, cal = self.calibration.probabilities(logits)
+        decision, verdict = self.calibration.verdicts(logits)
+        out: list[list[FaceResult] | str] = [d if isinstance(d, str) else [] for d in found]
+        for j, (i, k, box, status, dprob) in enumerate(made):
+            out[i].append(FaceResult(names[i], frames[i], k, tuple(float(v) for v in box), float(logits[j]),
+                                     float(prob[j]), float(cal[j]), str(decision[j]), str(verdict[j]), status, dprob,
+                                     crops[j]))
+        for i, faces in enumerate(out):
+            if isinstance(faces, list) and not all(math.isfinite(f.logit) for f in faces):
+                out[i] = "no fold produced a finite score for this image (see the log for the folds left out)"
+        return out
+
+    def _verdict(self, res: InputResult, logit: float) -> InputResult:
+        res.logit = float(logit)
+        prob, cal = self.calibration.probabilities(np.array([logit]))
+        decision, verdict = self.calibration.verdicts(np.array([logit]))
+        res.prob, res.calibrated_prob, res.decision, res.verdict = float(prob[0]), float(cal[0]), str(decision[0]), str(verdict[0])
+        return res
+
+    def image_result(self, path: str, image: np.ndarray, faces: list[FaceResult] | str) -> InputResult:
+        if isinstance(faces, str):
+            return error_result(path, "image", faces)
+        status = OK if any(f.status == FACE for f in faces) else NO_FACE_STATUS
+        res = InputResult(path, "image", status, "" if status == OK else "no face found: scored the centre square",
+                          faces, image=image)
+        return self._verdict(res, max(f.logit for f in faces))
+
+    def video_result(self, path: str, frames: list[tuple[int, np.ndarray]], note: str = "") -> InputResult:
+        """Score every sampled frame; the video's logit is the mean of its frames' (most fake face) logits."""
+        idx = [i for i, _ in frames]
+        per_frame = self.score_faces([f for _, f in frames], [path] * len(frames), idx)
+        faces = [f for fs in per_frame if isinstance(fs, list) for f in fs]
+        failed = [f"frame {i}: {r}" for i, r in zip(idx, per_frame) if isinstance(r, str)]
+        notes = [n for n in [note, "; ".join(failed)] if n]
+        scored = [(i, max(f.logit for f in fs), img) for i, fs, (_, img) in zip(idx, per_frame, frames) if isinstance(fs, list)]
+        if not scored:
+            return error_result(path, "video", "; ".join(notes) or "no frame could be scored")
+        worst, _, worst_img = max(scored, key=lambda s: s[1])
+        status = OK if any(f.status == FACE for f in faces) else NO_FACE_STATUS
+        if status == NO_FACE_STATUS:
+            notes.append("no face in any sampled frame: scored the centre squares")
+        res = InputResult(path, "video", status, "; ".join(notes), faces, frame=worst, n_frames=len(scored), image=worst_img)
+        return self._verdict(res, float(np.mean([s[1] for s in scored])))
+
+    # --- public entry points ---
+
+    def score_images(self, named: Sequence[tuple[str, object]]) -> list[InputResult]:
+        """In-memory images (PIL images or uint8 arrays) with their names → one InputResult each,
+        faces included; nothing is read or written. Call ``release()`` on a result to drop its pixels."""
+        arrays, results = [], [None] * len(named)
+        for i, (name, img) in enumerate(named):
+            try:
+                arrays.append((i, to_rgb_array(img, name)))
+            except ImageDecodeError as e:
+                results[i] = error_result(name, "image", e.reason)
+        scored = self.score_faces([a for _, a in arrays], [named[i][0] for i, _ in arrays])
+        for (i, arr), faces in zip(arrays, scored):
+            results[i] = self.image_result(named[i][0], arr, faces)
+        return results  # type: ignore[return-value]
+
+    def run(self, sources: Sequence[Source], n_frames: int = 32, workers: int = 2, chunk: int = 32,
+            progress: bool = True, on_result: Callable[[InputResult], None] | None = None) -> list[InputResult]:
+        """Score every source, in order; images ``chunk`` at a time (decoded ahead by ``workers``
+        threads), each video on its own. ``on_result`` sees each result with its pixels, which are
+        released afterwards."""
+        results: list[InputResult] = []
+        pending: list[tuple[Source, np.ndarray | str | None]] = []
+
+        def flush() -> None:
+            imgs = [(s, x) for s, x in pending if isinstance(x, np.ndarray)]
+            scored = iter(self.score_faces([x for _, x in imgs], [s.path for s, _ in imgs]))
+            for s, x in pending:
+                if isinstance(x, np.ndarray):
+                    res = self.image_result(s.path, x, next(scored))
+                elif isinstance(x, str):
+                    res = error_result(s.path, s.kind if s.kind != ERROR else "image", x)
+                else:
+                    res = self._video(s.path, n_frames)
+                if on_result is not None:
+                    on_result(res)
+                res.release()
+                results.append(res)
+                bar.update(1)
+            pending.clear()
+
+        with logging_redirect_tqdm(), tqdm(total=len(sources), desc="detect", unit="input", disable=not progress) as bar:
+            for _, (src, loaded) in prefetch(_load, list(sources), workers, depth=2 * chunk):
+                pending.append((src, loaded))
+                if src.kind == "video" or sum(isinstance(x, np.ndarray) for _, x in pending) >= chunk:
+                    flush()
+            flush()
+        return results
+
+    def _video(self, path: str, n_frames: int) -> InputResult:
+        try:
+            frames, note = read_video(path, n_frames)
+        except ImageDecodeError as e:
+            return error_result(path, "video", e.reason)
+        return self.video_result(path, frames, note)
+
+
+def _load(src: Source) -> tuple[Source, np.ndarray | str | None]:
+    """(source, decoded image | why it failed | None for a video, read later in the main thread)."""
+    if src.kind == ERROR:
+        return src, src.error
+    if src.kind == "video":
+        return src, None
+    try:
+        return src, decode_image(src.path)
+    except ImageDecodeError as e:
+        reason = e.reason
+        if reason.startswith("not an image format"):
+            reason += f" (nor a video: {', '.join(VIDEO_EXTS)})"
+        return src, reason
+
+
+def iter_rows(results: Sequence[InputResult]) -> Iterator[dict]:
+    for r in results:
+        yield from r.rows()
