@@ -106,3 +106,68 @@ def format_metrics(r: dict) -> str:
     return (f"F1 {r['f1']:.4f} (th={r['threshold']:.3f}) | AUC {r['roc_auc']:.4f} | AP {r['ap']:.4f} | "
             f"P {r['precision']:.4f} R {r['recall']:.4f} | missed fakes {r['missed_fakes']}/{r['n_fakes']} | "
             f"TN {r['tn']} FP {r['fp']} FN {r['fn']} TP {r['tp']}")
+
+
+# --- operating points, intervals, calibration (evaluate.py) -----------------------------------
+
+def tpr_at_fpr(y_true, y_prob, max_fpr: float) -> float:
+    """The highest share of fakes caught by any rule ``prob >= t`` that flags at most ``max_fpr``
+    of the reals (the ROC curve read as a step, never interpolated above what a threshold does)."""
+    y, p = _arrays(y_true, y_prob)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, tp, fp = ranked_counts(y, p)
+    ok = fp / n_neg <= max_fpr + 1e-12
+    return float(tp[ok].max() / n_pos) if ok.any() else 0.0
+
+
+def headline(y_true, y_prob, threshold: float) -> dict[str, float]:
+    """The numbers evaluate.py reports at one threshold (each a float, for intervals)."""
+    m = binary_metrics(y_true, y_prob, threshold)
+    return {"f1": m["f1"], "precision": m["precision"], "recall": m["recall"], "roc_auc": m["roc_auc"],
+            "ap": m["ap"], "tpr_at_1fpr": tpr_at_fpr(y_true, y_prob, 0.01),
+            "tpr_at_5fpr": tpr_at_fpr(y_true, y_prob, 0.05), "missed_fakes": float(m["missed_fakes"])}
+
+
+def bootstrap_intervals(y_true, y_prob, threshold: float, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of ``headline`` at a fixed threshold: images resampled with
+    replacement, fakes and reals separately (every resample keeps both classes, so AUC exists)."""
+    y, p = _arrays(y_true, y_prob)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)] if pos.size and neg.size \
+            else rng.integers(0, y.size, y.size)
+        for k, v in headline(y[idx], p[idx], threshold).items():
+            draws.setdefault(k, []).append(v)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {k: (float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))) if np.isfinite(v).any()
+            else (float("nan"), float("nan")) for k, v in draws.items()}
+
+
+def reliability_bins(y_true, y_prob, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width probability bins, closed on the right as scikit-learn's ``calibration_curve``:
+    count, mean predicted probability and share of fakes in each (empty bins give nan) — the
+    points of a reliability diagram."""
+    y, p = _arrays(y_true, y_prob)
+    edges = np.linspace(0, 1, n_bins + 1)
+    b = np.searchsorted(edges[1:-1], p)
+    count = np.bincount(b, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(b, weights=p, minlength=n_bins) / count
+        frac = np.bincount(b, weights=y, minlength=n_bins) / count
+    return {"edges": edges, "count": count, "confidence": conf, "fraction_fake": frac}
+
+
+def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
+    """Σ_bins (n_b / N) · |share of fakes − mean probability| over equal-width bins of the fake
+    probability (0 for a perfectly honest detector)."""
+    r = reliability_bins(y_true, y_prob, n_bins)
+    used = r["count"] > 0
+    if not used.any():
+        return float("nan")
+    w = r["count"][used] / r["count"].sum()
+    return float(np.sum(w * np.abs(r["fraction_fake"][used] - r["confidence"][used])))

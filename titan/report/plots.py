@@ -370,3 +370,49 @@ def plot_all(runs: Sequence[RunRecord], out_dir: str | os.PathLike) -> dict[str,
             written[name] = p
             log.info("wrote %s", p)
     return written
+
+
+# --- evaluate.py: calibration and robustness --------------------------------------------------
+
+def plot_reliability(y: np.ndarray, probs: dict[str, np.ndarray], path: str | os.PathLike, n_bins: int = 10) -> Path:
+    """Reliability diagram: share of fakes against mean predicted probability per bin, one line
+    per set of probabilities (e.g. raw and after temperature), ECE in the legend; the diagonal is
+    an honest detector. Below, how many images fall in each bin."""
+    from ..metrics import expected_calibration_error, reliability_bins
+
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.5, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    width = 1.0 / n_bins
+    for j, (name, p) in enumerate(probs.items()):
+        r = reliability_bins(y, p, n_bins)
+        used = r["count"] > 0
+        ece = expected_calibration_error(y, p, n_bins)
+        ax.plot(r["confidence"][used], r["fraction_fake"][used], marker=MARKERS[j % len(MARKERS)],
+                color=f"C{j}", label=f"{name} (ECE {ece:.3f})")
+        centres = r["edges"][:-1] + width / 2
+        axh.bar(centres + (j - (len(probs) - 1) / 2) * width / len(probs), r["count"], width=width / len(probs),
+                color=f"C{j}", alpha=0.7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="share of fakes", title="Reliability (clean images)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    axh.set(xlabel="predicted probability of fake", ylabel="images")
+    return save(fig, path)
+
+
+def plot_robustness(table, name: str, unit: str, clean: dict[str, float], path: str | os.PathLike) -> Path:
+    """One degradation: ROC-AUC and F1 (at the run's threshold) against its level, the clean
+    figures as dashed lines, and the share of verdicts flipped against the clean image."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    levels = [str(v) for v in table["level"]]
+    x = np.arange(len(levels))
+    for j, key in enumerate(("roc_auc", "f1")):
+        ax.plot(x, table[key], marker=MARKERS[j], color=f"C{j}", label=key.replace("roc_auc", "ROC-AUC").upper()
+                if key == "f1" else "ROC-AUC")
+        if np.isfinite(clean.get(key, np.nan)):
+            ax.axhline(clean[key], color=f"C{j}", linestyle="--", linewidth=1, alpha=0.7)
+    ax.bar(x, table["flipped"], color="C3", alpha=0.25, width=0.4, label="verdicts flipped")
+    ax.set(xticks=x, xticklabels=levels, ylim=(0, 1.02), xlabel=f"{name}: {unit} (mild → harsh)",
+           ylabel="score / share", title=f"Robustness to {name} (dashed: clean)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return save(fig, path)

@@ -1,0 +1,310 @@
+"""How far to trust a trained detector on a labelled set: metrics with intervals, calibration, and
+a robustness sweep over the ways images are damaged on the internet (``evaluate.py``).
+
+Every labelled image is decoded once; each point of the sweep (clean, then each degradation at
+each level, ``degrade.sweep_plan``) degrades it, finds and crops the face as detection does, and
+scores it with the run's fold ensemble. Scores go to ``scores.csv`` after every chunk of images
+(atomically, with the inputs' digests beside it), so an interrupted evaluation resumes where it
+stopped and a rerun with other weights, images, labels or settings starts afresh, saying why.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import degrade
+from ..checkpoints import atomic_json, atomic_write
+from ..data.fingerprint import changed_inputs, images_digest, _digest
+from ..data.images import ImageDecodeError, ImageIndex, decode_image
+from ..data.labels import read_labels
+from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
+                       headline, reliability_bins, roc_auc)
+
+log = logging.getLogger("titan")
+
+SCORE_COLUMNS = ["Id", "target_feature", "degradation", "level", "logit", "n_faces", "fallback", "status", "error"]
+
+
+class EvaluationError(RuntimeError):
+    """The labelled set cannot be evaluated (no images, no labels matching them, no weights)."""
+
+
+@dataclass
+class ScoredImage:
+    """One (possibly degraded) photo as the detector saw it: the ensemble's logit for its most
+    fake face (nan when it failed), how many faces were found, whether the centre square stood in."""
+
+    logit: float
+    n_faces: int = 0
+    fallback: bool = False
+    error: str | None = None
+
+
+# (photos, crop margin) → one ScoredImage each, in order: the detector of a trained run.
+Scorer = Callable[[Sequence[np.ndarray], float], list[ScoredImage]]
+
+
+@dataclass
+class Calibration:
+    """What the run says about its own scores: the decision threshold (a probability) and the
+    temperature that turns its logits into honest probabilities."""
+
+    threshold: float
+    temperature: float = 1.0
+
+
+@dataclass
+class LabelledSet:
+    """The images to evaluate, with their labels; what does not match is kept, to be listed."""
+
+    ids: list[str]
+    labels: np.ndarray
+    paths: dict[str, Path]
+    missing_images: list[str] = field(default_factory=list)    # labelled, no image file
+    unlabelled_images: list[str] = field(default_factory=list)  # image file, no label
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike, labels_csv: str | os.PathLike) -> "LabelledSet":
+        if not Path(labels_csv).is_file():
+            raise EvaluationError(f"{labels_csv}: labels not found; give --labels CSV with columns Id,target_feature")
+        try:
+            index = ImageIndex(data_dir, probe_unknown=True)
+        except FileNotFoundError as e:
+            raise EvaluationError(f"{e}; give --data, the folder of the labelled photos") from None
+        rows = read_labels(labels_csv)
+        ids = rows.Id.tolist()
+        found = [i for i in ids if i in index.paths]
+        missing = [i for i in ids if i not in index.paths]
+        unlabelled = sorted(set(index.paths) - set(ids))
+        if not found:
+            raise EvaluationError(f"none of the {len(ids)} Ids in {labels_csv} has an image in {data_dir} "
+                                  f"(first Ids: {ids[:3]}; first files: {sorted(index.paths)[:3]})")
+        lab = dict(zip(ids, rows.target_feature))
+        return cls(found, np.array([int(lab[i]) for i in found]), {i: index.paths[i] for i in found},
+                   missing, unlabelled)
+
+    def digest(self) -> str:
+        return _digest(f"{i},{y},{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}"
+                       for i, y, p in zip(self.ids, self.labels, (self.paths[i] for i in self.ids)))
+
+
+# --- scoring the sweep, resumably -------------------------------------------------------------
+
+class ScoreBook:
+    """``scores.csv`` and its inputs' digests: rows done so far, saved atomically as they come."""
+
+    def __init__(self, out_dir: Path, inputs: dict[str, str]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv, self.meta = out_dir / "scores.csv", out_dir / "scores_inputs.json"
+        self.inputs = inputs
+        self.rows: list[dict] = []
+        if self.csv.is_file() and self.meta.is_file():
+            changed = changed_inputs(json.loads(self.meta.read_text()), inputs)
+            if changed:
+                log.info(f"NOTICE: {self.csv} was scored with other {', '.join(changed)}; scoring afresh")
+            else:
+                self.rows = pd.read_csv(self.csv, dtype={"Id": str, "error": str}, keep_default_na=False,
+                                        na_values={"logit": ["", "nan", "NaN"]}).to_dict("records")
+                log.info(f"resuming: {len(self.rows)} scored rows in {self.csv} are reused")
+
+    def done(self) -> set[tuple[str, str, float]]:
+        return {(str(r["Id"]), str(r["degradation"]), float(r["level"])) for r in self.rows}
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.save()
+
+    def save(self) -> None:
+        atomic_json(self.inputs, self.meta)
+        frame = pd.DataFrame(self.rows, columns=SCORE_COLUMNS)
+        atomic_write(self.csv, lambda tmp: frame.to_csv(tmp, index=False))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=SCORE_COLUMNS)
+
+
+def score_sweep(data: LabelledSet, plan: Sequence[tuple[str, float]], scorer: Scorer, book: ScoreBook,
+                margin: float = 0.2, chunk: int = 16, max_pixels: int | None = None) -> pd.DataFrame:
+    """Score every (image, plan point) not yet in ``book``; a chunk of images at a time."""
+    done = book.done()
+    todo = [(i, n, lv) for i in data.ids for n, lv in plan if (i, n, float(lv)) not in done]
+    label = dict(zip(data.ids, data.labels))
+    with tqdm(total=len(data.ids) * len(plan), initial=len(data.ids) * len(plan) - len(todo),
+              desc="evaluate (images × degradations)", unit="img") as bar:
+        for start in range(0, len(todo), chunk * len(plan)):
+            part = todo[start:start + chunk * len(plan)]
+            rows = _score_part(part, data, scorer, margin, label, max_pixels)
+            book.add(rows)
+            bar.update(len(part))
+    return book.frame()
+
+
+def _score_part(part, data: LabelledSet, scorer: Scorer, margin: float, label: dict, max_pixels) -> list[dict]:
+    photos: dict[str, np.ndarray | str] = {}
+    for i in dict.fromkeys(i for i, _, _ in part):
+        try:
+            photos[i] = decode_image(data.paths[i], max_pixels)
+        except ImageDecodeError as e:
+            photos[i] = e.reason
+    rows: dict[tuple, dict] = {}
+    groups: dict[float, list[tuple]] = {}
+    for key in part:
+        i, name, level = key
+        row = {"Id": i, "target_feature": int(label[i]), "degradation": name, "level": float(level),
+               "logit": float("nan"), "n_faces": 0, "fallback": False, "status": "ok", "error": ""}
+        rows[key] = row
+        if isinstance(photos[i], str):
+            row.update(status="error", error=f"{data.paths[i]}: {photos[i]}")
+        else:
+            groups.setdefault(degrade.crop_margin(name, level, margin), []).append(key)
+    for m, keys in groups.items():
+        imgs = [degrade.degraded(photos[i], n, lv) for i, n, lv in keys]
+        for key, s in zip(keys, scorer(imgs, m)):
+            rows[key].update(logit=float(s.logit), n_faces=int(s.n_faces), fallback=bool(s.fallback))
+            if s.error or not math.isfinite(s.logit):
+                rows[key].update(status="error", error=s.error or "no finite score")
+    return [rows[k] for k in part]
+
+
+# --- what the scores say ----------------------------------------------------------------------
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def clean_metrics(scores: pd.DataFrame, cal: Calibration, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of the clean images at the run's threshold and at the best one, with bootstrap 95 %
+    intervals, and calibration (ECE) before and after the run's temperature."""
+    ok = scores[(scores.degradation == "clean") & (scores.status == "ok")]
+    y, logit = ok.target_feature.to_numpy(int), ok.logit.to_numpy(float)
+    p = sigmoid(logit)
+    best_th, _ = best_f1_threshold(y, p)
+    out: dict = {"n_scored": int(len(ok)), "n_fakes": int(y.sum()),
+                 "n_errors": int(((scores.degradation == "clean") & (scores.status != "ok")).sum())}
+    for name, th in (("run_threshold", cal.threshold), ("best_threshold", best_th)):
+        point = headline(y, p, th)
+        ci = bootstrap_intervals(y, p, th, n_boot=n_boot, seed=seed)
+        out[name] = {"threshold": float(th), **{k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()}}
+    p_cal = sigmoid(logit / cal.temperature)
+    out["calibration"] = {"temperature": cal.temperature, "ece_raw": expected_calibration_error(y, p),
+                          "ece_calibrated": expected_calibration_error(y, p_cal)}
+    return out
+
+
+def robustness_table(scores: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
+    """degradation × level → images scored, ROC-AUC, F1 at the run's threshold, and the share of
+    images whose verdict flipped against the clean image (over images scored both ways)."""
+    clean = scores[(scores.degradation == "clean") & (scores.status == "ok")].set_index("Id")
+    clean_verdict = pd.Series(sigmoid(clean.logit.to_numpy(float)) >= cal.threshold, index=clean.index)
+    rows = []
+    for (name, level), g in scores.groupby(["degradation", "level"], sort=False):
+        ok = g[g.status == "ok"]
+        y, p = ok.target_feature.to_numpy(int), sigmoid(ok.logit.to_numpy(float))
+        m = binary_metrics(y, p, cal.threshold) if len(ok) else {"f1": float("nan"), "roc_auc": float("nan")}
+        both = ok[ok.Id.isin(clean_verdict.index)]
+        flips = (sigmoid(both.logit.to_numpy(float)) >= cal.threshold) != clean_verdict.loc[both.Id].to_numpy()
+        rows.append({"degradation": name, "level": level, "n_scored": int(len(ok)), "n_errors": int(len(g) - len(ok)),
+                     "roc_auc": m["roc_auc"], "f1": m["f1"],
+                     "flipped": float(flips.mean()) if len(both) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame.iterrows():
+        cells = [format(v, floats) if isinstance(v, float) and not float(v).is_integer() or
+                 (isinstance(v, float) and k in ("roc_auc", "f1", "flipped")) else str(v)
+                 for k, v in r.items()]
+        lines.append("| " + " | ".join(c.replace("nan", "–") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# --- the files a user reads -------------------------------------------------------------------
+
+def _fmt_ci(m: dict) -> str:
+    v, (lo, hi) = m["value"], m["ci95"]
+    return "–" if not math.isfinite(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def metrics_markdown(metrics: dict) -> str:
+    keys = ("f1", "precision", "recall", "roc_auc", "ap", "tpr_at_1fpr", "tpr_at_5fpr", "missed_fakes")
+    names = ("F1", "precision", "recall", "ROC-AUC", "AP", "TPR @ 1 % FPR", "TPR @ 5 % FPR", "missed fakes")
+    lines = ["| at threshold | " + " | ".join(names) + " |", "|---|" + "---|" * len(keys)]
+    for which in ("run_threshold", "best_threshold"):
+        m = metrics[which]
+        cells = [_fmt_ci(m[k]) if k != "missed_fakes" else
+                 f"{int(m[k]['value'])}/{metrics['n_fakes']} [{m[k]['ci95'][0]:.0f}, {m[k]['ci95'][1]:.0f}]"
+                 for k in keys]
+        lines.append(f"| {which.replace('_', ' ')} {m['threshold']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: Calibration,
+                  n_boot: int = 1000, source: str = "") -> dict[str, Path]:
+    """metrics.json, robustness.{csv,md}, errors.csv, the plots and evaluation.md tying them together."""
+    from .plots import plot_reliability, plot_robustness
+
+    metrics = clean_metrics(scores, cal, n_boot=n_boot)
+    table = robustness_table(scores, cal)
+    errors = scores[scores.status != "ok"][["Id", "degradation", "level", "error"]]
+    metrics.update(missing_images=data.missing_images, unlabelled_images=data.unlabelled_images,
+                   robustness=table.to_dict("records"), source=source)
+    files = {"metrics": atomic_json(metrics, out_dir / "metrics.json"),
+             "robustness_csv": atomic_write(out_dir / "robustness.csv", lambda t: table.to_csv(t, index=False)),
+             "errors": atomic_write(out_dir / "errors.csv", lambda t: errors.to_csv(t, index=False))}
+    files["robustness_md"] = atomic_write(out_dir / "robustness.md",
+                                          lambda t: Path(t).write_text(markdown_table(table) + "\n"))
+    clean = scores[(scores.degradation == "clean") & (scores.status == "ok")]
+    y, logit = clean.target_feature.to_numpy(int), clean.logit.to_numpy(float)
+    files["reliability"] = plot_reliability(
+        y, {"raw": sigmoid(logit), f"temperature {cal.temperature:.2f}": sigmoid(logit / cal.temperature)},
+        out_dir / "reliability.png")
+    clean_row = table[table.degradation == "clean"].iloc[0].to_dict()
+    plots = []
+    for name, g in table[table.degradation != "clean"].groupby("degradation", sort=False):
+        d = degrade.DEGRADATIONS[name]
+        files[f"plot_{name}"] = plot_robustness(g, name, d.unit, clean_row, out_dir / f"robustness_{name}.png")
+        plots.append(files[f"plot_{name}"].name)
+    files["report"] = atomic_write(out_dir / "evaluation.md", lambda t: Path(t).write_text(
+        evaluation_markdown(metrics, table, data, plots, len(errors))))
+    return files
+
+
+def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, plots: Sequence[str],
+                        n_error_rows: int) -> str:
+    c = metrics["calibration"]
+    parts = [
+        "# Evaluation", "",
+        f"{metrics['source']}", "",
+        f"{metrics['n_scored']} clean images scored ({metrics['n_fakes']} fakes); {metrics['n_errors']} could not be "
+        f"scored (errors.csv). Intervals: bootstrap 95 %, fakes and reals resampled separately. "
+        "The best threshold is chosen on this very set, so its row is optimistic.", "",
+        metrics_markdown(metrics), "",
+        "## Calibration", "",
+        f"Expected calibration error (10 bins): **{c['ece_raw']:.3f}** raw, **{c['ece_calibrated']:.3f}** after the "
+        f"run's temperature {c['temperature']:.2f} (0 = the probabilities are honest).", "",
+        "![reliability](reliability.png)", "",
+        "## Robustness", "",
+        "Each image degraded, then its face found, cropped and scored as usual. F1 at the run's threshold; "
+        "*flipped* = share of images whose verdict differs from the clean image's.", "",
+        markdown_table(table), "",
+        *[f"![{p}]({p})" for p in plots], "",
+    ]
+    if data.missing_images or data.unlabelled_images or n_error_rows:
+        parts += ["## What did not match", "",
+                  f"- labelled Ids with no image ({len(data.missing_images)}): {', '.join(data.missing_images[:20])}"
+                  + (" …" if len(data.missing_images) > 20 else ""),
+                  f"- images with no label, not scored ({len(data.unlabelled_images)}): "
+                  f"{', '.join(data.unlabelled_images[:20])}" + (" …" if len(data.unlabelled_images) > 20 else ""),
+                  f"- rows that failed to score: {n_error_rows} (errors.csv)", ""]
+    return "\n".join(parts)
