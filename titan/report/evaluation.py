@@ -24,7 +24,8 @@ from tqdm import tqdm
 from . import degrade
 from ..checkpoints import atomic_json, atomic_write
 from ..data.fingerprint import changed_inputs, images_digest, _digest
-from ..data.images import ImageDecodeError, ImageIndex, decode_image
+from ..config import ScriptOptions, option
+from ..data.images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from ..data.labels import read_labels
 from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
                        headline, reliability_bins, roc_auc)
@@ -308,3 +309,68 @@ def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, p
                   f"{', '.join(data.unlabelled_images[:20])}" + (" …" if len(data.unlabelled_images) > 20 else ""),
                   f"- rows that failed to score: {n_error_rows} (errors.csv)", ""]
     return "\n".join(parts)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+@dataclass
+class EvalOptions(ScriptOptions):
+    """evaluate.py's flags."""
+
+    data: str = option("data/dataset/test_images", "folder of the labelled photos (raw or already cropped)")
+    labels: str = option("test_labels.csv", "their labels: Id,target_feature (1 = fake)")
+    weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
+    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
+    out: str = option("evaluation", "folder for metrics.json, the tables, plots, scores.csv and evaluation.md")
+    degradations: list[str] = option(help="degradations to sweep (comma-separated): " + ",".join(degrade.DEGRADATIONS),
+                                     default_factory=lambda: list(degrade.DEGRADATIONS))
+    reduced: bool = option(False, "one level per degradation (JPEG 50, ×0.5, blur 1, noise 5, margin 0.4, social) "
+                                  "instead of the full sweep", switch=True)
+    bootstrap: int = option(1000, "bootstrap resamples for the 95%% intervals")
+    tta: str = option("full", "full (identity,hflip,rot+5,rot-5: training's inference), minimal (identity,hflip) or a list")
+    margin: float = option(0.2, "face-box margin of the square crop (align_faces.py's default; the margin sweep varies it)")
+    chunk: int = option(16, "images per scoring step (scores are saved after each: the resume point)")
+    batch_size: int = option(32, "faces per forward pass (halved on OOM)")
+    device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
+    max_pixels: int = option(MAX_PIXELS, "refuse images with more pixels than this")
+    progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
+
+
+def detector_scorer(detector) -> Scorer:
+    """The run's detector as the sweep's scorer: each photo's most fake face (detect.py's verdict)."""
+    def score(images: Sequence[np.ndarray], margin: float) -> list[ScoredImage]:
+        results = detector.score_images([(f"#{i}", im) for i, im in enumerate(images)], margin=margin)
+        out = []
+        for r in results:
+            r.release()
+            if not r.scored:
+                out.append(ScoredImage(float("nan"), error=r.error))
+            else:
+                out.append(ScoredImage(r.logit, sum(f.status == "face" for f in r.faces), r.status != "ok"))
+        return out
+    return score
+
+
+def evaluate(opts: EvalOptions, log_to=None) -> dict[str, Path]:
+    """Score the labelled set clean and degraded with the run in ``opts.weights_dir``; write the report."""
+    from ..infer.detect import Detector
+
+    say = log.info
+    data = LabelledSet.load(opts.data, opts.labels)
+    say(f"{len(data.ids)} labelled images in {opts.data} ({int(data.labels.sum())} fakes); "
+        f"{len(data.missing_images)} labelled Ids without an image, {len(data.unlabelled_images)} images without a label")
+    plan = degrade.sweep_plan(opts.degradations, opts.reduced)
+    det = Detector.from_run(opts.weights_dir, opts.prefix, tta=opts.tta, device=opts.device,
+                            batch_size=opts.batch_size, margin=opts.margin, say=say)
+    cal = Calibration(det.calibration.threshold, det.calibration.temperature)
+    out = Path(opts.out)
+    inputs = {"weights": det.folds.digest(), "data": data.digest(), "settings": _digest(
+        [f"tta={opts.tta}", f"margin={opts.margin}", f"size={det.img_size}", f"device={det.device.type}"])}
+    say(f"sweep: {len(plan)} points × {len(data.ids)} images ({', '.join(sorted({n for n, _ in plan}))})")
+    scores = score_sweep(data, plan, detector_scorer(det), ScoreBook(out, inputs), opts.margin, opts.chunk,
+                         opts.max_pixels)
+    files = write_outputs(out, data, scores, cal, opts.bootstrap,
+                          source=f"Run `{opts.weights_dir}` ({det.folds.describe()}, threshold {cal.threshold:.3f}, "
+                                 f"temperature {cal.temperature:.2f}) on `{opts.data}` with labels `{opts.labels}`.")
+    say(f"evaluation: {files['report']}")
+    return files
