@@ -10,7 +10,8 @@ from PIL import Image
 
 from titan import metrics
 from titan.report import degrade
-from titan.report.evaluation import (Calibration, LabelledSet, ScoreBook, ScoredImage, clean_metrics,
+from titan.infer.calibration import Calibration
+from titan.report.evaluation import (LabelledSet, ScoreBook, ScoredImage, clean_metrics,
                                      robustness_table, score_sweep, write_outputs)
 
 
@@ -192,7 +193,7 @@ def test_sweep_scores_every_image_at_every_point_and_lists_what_does_not_match(t
     assert clean.flipped == 0.0 and clean.roc_auc == pytest.approx(1.0)
     files = write_outputs(tmp_path / "out", data, scores, cal, n_boot=50, source="test run")
     text = files["report"].read_text()
-    assert "nofile" in text and "stray" in text and "| jpeg | 50.0 |" in files["robustness_md"].read_text()
+    assert "nofile" in text and "stray" in text and "| jpeg | 50 |" in files["robustness_md"].read_text()
     assert all(p.is_file() for p in files.values())
     m = clean_metrics(scores, cal, n_boot=50)
     assert m["n_errors"] == 1 and m["calibration"]["temperature"] == 2.0
@@ -218,3 +219,73 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     other = BrightnessScorer()
     score_sweep(data, plan, other, ScoreBook(out, {**inputs, "weights": "w2"}), chunk=4)
     assert other.seen == len(data.ids) * len(plan)  # other weights: nothing reused
+
+
+# --- evaluate.py end to end, with tiny folds ----------------------------------------------------
+
+def test_evaluate_cli_scores_a_labelled_folder_writes_every_output_and_resumes(tmp_path, capsys):
+    import json
+
+    import cv2
+    from fold_fixtures import write_v42_folds
+    from skimage import data as skdata
+
+    import evaluate
+    from titan.demo.dataset import FACE_PHOTOS, _rgb
+    from titan.infer.detect import Detector
+
+    run = tmp_path / "run"
+    write_v42_folds(run, n=2, size=32)
+    (run / "metrics_v42.json").write_text(json.dumps({"oof": {"threshold": 0.5}, "folds": [],
+                                                      "calibration": {"temperature": 1.5, "uncertain_band": 0.05}}))
+    d = tmp_path / "photos"
+    d.mkdir()
+    astro = cv2.resize(_rgb(FACE_PHOTOS["astronaut"]()), (160, 160), interpolation=cv2.INTER_AREA)
+    grace = cv2.resize(_rgb(FACE_PHOTOS["grace_hopper"]()), (128, 160), interpolation=cv2.INTER_AREA)
+    Image.fromarray(astro).save(d / "a.jpg", quality=95)
+    Image.fromarray(grace).save(d / "g.png")
+    Image.fromarray(np.ascontiguousarray(astro[:, ::-1])).save(d / "af.jpg", quality=95)
+    Image.fromarray(cv2.resize(skdata.coffee(), (160, 120))).save(d / "c.jpg")
+    (d / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    pd.DataFrame({"Id": ["a", "g", "af", "c", "bad", "gone"], "target_feature": [1, 0, 1, 0, 1, 0]}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    out = tmp_path / "eval"
+    argv = ["--data", str(d), "--labels", str(tmp_path / "labels.csv"), "--weights-dir", str(run), "--out", str(out),
+            "--degradations", "jpeg,margin", "--reduced", "--bootstrap", "50", "--device", "cpu", "--tta", "minimal",
+            "--no-progress", "--chunk", "2"]
+    assert evaluate.main(argv) == 0
+    for name in ("metrics.json", "robustness.csv", "robustness.md", "reliability.png", "robustness_jpeg.png",
+                 "robustness_margin.png", "errors.csv", "scores.csv", "evaluation.md"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_scored"] == 4 and m["n_errors"] == 1 and m["missing_images"] == ["gone"]
+    assert m["run_threshold"]["threshold"] == 0.5 and m["calibration"]["temperature"] == 1.5
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert len(scores) == 5 * 3 and set(scores.degradation) == {"clean", "jpeg", "margin"}
+    assert "bad.jpg" in pd.read_csv(out / "errors.csv").error.iloc[0]
+    # The clean scores are detect.py's own verdict logits for the same photos.
+    det = Detector.from_run(run, tta="minimal", device="cpu")
+    clean = scores[(scores.degradation == "clean") & (scores.status == "ok")].set_index("Id")
+    from titan.data.images import decode_image
+    for i, r in zip(["a", "g"], det.score_images([(i, decode_image(d / f)) for i, f in (("a", "a.jpg"), ("g", "g.png"))])):
+        assert float(clean.loc[i, "logit"]) == pytest.approx(r.logit, abs=1e-4)
+    report = (out / "evaluation.md").read_text()
+    assert "| margin | 0.4" in report and "gone" in report and "ECE" in report
+    capsys.readouterr()
+    assert evaluate.main(argv) == 0  # the same command again: everything is reused
+    assert "resuming: 15 scored rows" in capsys.readouterr().out + (out / "evaluate_log.txt").read_text()
+
+
+def test_evaluate_without_weights_or_labels_exits_2_naming_what_is_missing(tmp_path, capsys):
+    import evaluate
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    Image.fromarray(photo()).save(d / "x.jpg")
+    pd.DataFrame({"Id": ["x"], "target_feature": [1]}).to_csv(tmp_path / "l.csv", index=False)
+    assert evaluate.main(["--data", str(d), "--labels", str(tmp_path / "nope.csv"), "--no-progress",
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "nope.csv" in capsys.readouterr().err
+    assert evaluate.main(["--data", str(d), "--labels", str(tmp_path / "l.csv"), "--weights-dir", str(tmp_path),
+                          "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    assert "v42_backbone_fold" in capsys.readouterr().err

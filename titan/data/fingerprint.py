@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 from .images import ImageIndex
 
 
-def _digest(lines: Iterable[str]) -> str:
+def digest_lines(lines: Iterable[str]) -> str:
+    """16 hex digits of SHA-256 over the lines: the one digest every reuse check compares."""
     h = hashlib.sha256()
     for line in lines:
         h.update(line.encode("utf-8"))
@@ -22,7 +23,7 @@ def _digest(lines: Iterable[str]) -> str:
 
 def labels_digest(ids: Sequence[str], labels: Sequence[int], pseudo: Sequence[bool], folds: Sequence[int] = ()) -> str:
     folds = list(folds) or [0] * len(ids)
-    return _digest(f"{i},{int(y)},{int(bool(p))},{int(k)}" for i, y, p, k in zip(ids, labels, pseudo, folds))
+    return digest_lines(f"{i},{int(y)},{int(bool(p))},{int(k)}" for i, y, p, k in zip(ids, labels, pseudo, folds))
 
 
 def images_digest(index: ImageIndex, ids: Iterable[str]) -> str:
@@ -31,7 +32,7 @@ def images_digest(index: ImageIndex, ids: Iterable[str]) -> str:
         st = path.stat()
         return f"{image_id},{path.name},{st.st_size},{st.st_mtime_ns}"
 
-    return _digest(line(i) for i in ids)
+    return digest_lines(line(i) for i in ids)
 
 
 def changed_inputs(saved: dict | None, now: dict[str, str]) -> list[str]:

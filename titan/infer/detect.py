@@ -56,19 +56,11 @@ class DetectError(RuntimeError):
 
 
 @dataclass
-class DetectOptions(ScriptOptions):
-    """detect.py's flags."""
+class DetectorOptions(ScriptOptions):
+    """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py)."""
 
-    inputs: list[str] = option(help="images, folders (recursive), globs and videos (mp4, mov, avi, mkv, webm)",
-                               positional=True, default_factory=lambda: ["data/dataset/test_images"])
     weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
     prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
-    out: str = option("", "per-face and per-input rows: .csv or .jsonl (by extension); empty = the terminal table only")
-    html: str = option("", "one self-contained HTML page (images embedded, no links): thumbnails, verdicts, bars, heatmaps")
-    heatmaps: str = option("", "folder for Grad-CAM overlays: one PNG per face (videos: the most suspicious frame's)")
-    frames: int = option(32, "frames sampled evenly from each video")
-    uncertain_band: float = option(-1.0, "half-width of the uncertain band around the threshold, calibrated scale; "
-                                         "-1 = the run's (holds its least-sure 10%% of out-of-fold faces)")
     tta: str = option("full", "full (identity,hflip,rot+5,rot-5: training's inference), minimal (identity,hflip) or a list")
     img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
     force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size", switch=True)
@@ -77,9 +69,30 @@ class DetectOptions(ScriptOptions):
     max_side: int = option(1024, "shrink larger images for face detection only")
     batch_size: int = option(32, "faces per forward pass (halved on OOM)")
     device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
-    workers: int = option(2, "decoding threads (0 = in the main thread)")
     amp: bool = option(True, "turn off CUDA autocast", flag="--no-amp", switch=False)
     progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
+
+    def detector(self, say: Callable[[str], None] = log.info, band: float | None = None) -> "Detector":
+        """The run's detector as these flags describe it."""
+        return Detector.from_run(self.weights_dir, self.prefix, tta=self.tta, img_size=self.img_size,
+                                 force_img_size=self.force_img_size, band=band, say=say, device=self.device,
+                                 batch_size=self.batch_size, amp=self.amp, margin=self.margin,
+                                 min_prob=self.min_prob, max_side=self.max_side)
+
+
+@dataclass
+class DetectOptions(DetectorOptions):
+    """detect.py's flags."""
+
+    inputs: list[str] = option(help="images, folders (recursive), globs and videos (mp4, mov, avi, mkv, webm)",
+                               positional=True, default_factory=lambda: ["data/dataset/test_images"])
+    out: str = option("", "per-face and per-input rows: .csv or .jsonl (by extension); empty = the terminal table only")
+    html: str = option("", "one self-contained HTML page (images embedded, no links): thumbnails, verdicts, bars, heatmaps")
+    heatmaps: str = option("", "folder for Grad-CAM overlays: one PNG per face (videos: the most suspicious frame's)")
+    frames: int = option(32, "frames sampled evenly from each video")
+    uncertain_band: float = option(-1.0, "half-width of the uncertain band around the threshold, calibrated scale; "
+                                         "-1 = the run's (holds its least-sure 10%% of out-of-fold faces)")
+    workers: int = option(2, "decoding threads (0 = in the main thread)")
 
 
 def resolve_tta(spec: str) -> list[str]:
@@ -367,9 +380,11 @@ class Detector:
             return np.nanmean(per_fold.astype(np.float64), axis=0)
 
     def score_faces(self, images: Sequence[np.ndarray], names: Sequence[str],
-                    frames: Sequence[int | None] | None = None) -> list[list[FaceResult] | str]:
+                    frames: Sequence[int | None] | None = None, margin: float | None = None) -> list[list[FaceResult] | str]:
         """Per image: a FaceResult for every face (the centre square, ``no_face``, when there is
-        none), each with its crop; or the reason the image could not be scored."""
+        none), each with its crop; or the reason the image could not be scored. ``margin``
+        replaces the detector's crop margin for this call (evaluate.py's margin sweep)."""
+        margin = self.margin if margin is None else margin
         frames = list(frames) if frames is not None else [None] * len(images)
         found = self._detect(images)
         crops, made = [], []
@@ -377,7 +392,7 @@ class Detector:
             if isinstance(dets, str):
                 continue
             for k, det in enumerate(dets or [NO_FACE]):
-                crop, how = face_crop(img, det, self.img_size, self.margin)
+                crop, how = face_crop(img, det, self.img_size, margin)
                 box = det.box if how == "face" else _centre_box(img)
                 crops.append(crop)
                 made.append((i, k, box, FACE if how == "face" else NO_FACE_STATUS, det.prob))
@@ -428,16 +443,17 @@ class Detector:
 
     # --- public entry points ---
 
-    def score_images(self, named: Sequence[tuple[str, object]]) -> list[InputResult]:
+    def score_images(self, named: Sequence[tuple[str, object]], margin: float | None = None) -> list[InputResult]:
         """In-memory images (PIL images or uint8 arrays) with their names → one InputResult each,
-        faces included; nothing is read or written. Call ``release()`` on a result to drop its pixels."""
+        faces included; nothing is read or written. Call ``release()`` on a result to drop its
+        pixels. ``margin`` as in ``score_faces``."""
         arrays, results = [], [None] * len(named)
         for i, (name, img) in enumerate(named):
             try:
                 arrays.append((i, to_rgb_array(img, name)))
             except ImageDecodeError as e:
                 results[i] = error_result(name, "image", e.reason)
-        scored = self.score_faces([a for _, a in arrays], [named[i][0] for i, _ in arrays])
+        scored = self.score_faces([a for _, a in arrays], [named[i][0] for i, _ in arrays], margin=margin)
         for (i, arr), faces in zip(arrays, scored):
             results[i] = self.image_result(named[i][0], arr, faces)
         return results  # type: ignore[return-value]

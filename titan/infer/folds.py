@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..data.fingerprint import digest_lines
 from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
 from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
 from ..metrics import best_f1_threshold
@@ -257,6 +258,14 @@ class FoldSet:
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.folds]
+
+    def digest(self) -> str:
+        """A short digest of the files the loaded folds came from (name, size, modification time) and
+        of the run's metrics file: work scored with this set is reused only while it matches."""
+        paths = [p for f in self.folds for p in (f.files.backbone, f.files.head, f.files.meta) if p is not None]
+        if self.run is not None and self.run.metrics_json.is_file():
+            paths.append(self.run.metrics_json)
+        return digest_lines(f"{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}" for p in paths)
 
     @property
     def models(self) -> list[FoldModel]:

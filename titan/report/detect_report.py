@@ -292,10 +292,7 @@ def run_detect(opts: DetectOptions, log: RunLog | None = None) -> DetectRun:
     if opts.frames < 1:
         raise DetectError(f"--frames {opts.frames}: sample at least one frame per video")
     sources = expand_inputs(opts.inputs, log.info)
-    detector = Detector.from_run(opts.weights_dir, opts.prefix, tta=opts.tta, img_size=opts.img_size,
-                                 force_img_size=opts.force_img_size, band=opts.uncertain_band, say=log.info,
-                                 device=opts.device, batch_size=opts.batch_size, amp=opts.amp, margin=opts.margin,
-                                 min_prob=opts.min_prob, max_side=opts.max_side)
+    detector = opts.detector(log.info, band=opts.uncertain_band)
     explain = Explainer(detector, log.info) if opts.heatmaps or opts.html else None
     heatmaps = HeatmapWriter(opts.heatmaps) if opts.heatmaps else None
     page = HtmlReport(detector.calibration) if opts.html else None

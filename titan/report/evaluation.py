@@ -20,13 +20,17 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import degrade
 from ..checkpoints import atomic_json, atomic_write
-from ..data.fingerprint import changed_inputs, images_digest, _digest
-from ..config import ScriptOptions, option
+from ..data.fingerprint import changed_inputs, digest_lines
+from ..infer.calibration import Calibration, sigmoid
+from ..infer.detect import DetectError, DetectorOptions
+from ..config import option
 from ..data.images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from ..data.labels import read_labels
+from ..runlog import RunLog
 from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
                        headline, reliability_bins, roc_auc)
 
@@ -52,15 +56,6 @@ class ScoredImage:
 
 # (photos, crop margin) → one ScoredImage each, in order: the detector of a trained run.
 Scorer = Callable[[Sequence[np.ndarray], float], list[ScoredImage]]
-
-
-@dataclass
-class Calibration:
-    """What the run says about its own scores: the decision threshold (a probability) and the
-    temperature that turns its logits into honest probabilities."""
-
-    threshold: float
-    temperature: float = 1.0
 
 
 @dataclass
@@ -94,7 +89,7 @@ class LabelledSet:
                    missing, unlabelled)
 
     def digest(self) -> str:
-        return _digest(f"{i},{y},{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}"
+        return digest_lines(f"{i},{y},{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}"
                        for i, y, p in zip(self.ids, self.labels, (self.paths[i] for i in self.ids)))
 
 
@@ -103,7 +98,7 @@ class LabelledSet:
 class ScoreBook:
     """``scores.csv`` and its inputs' digests: rows done so far, saved atomically as they come."""
 
-    def __init__(self, out_dir: Path, inputs: dict[str, str]) -> None:
+    def __init__(self, out_dir: Path, inputs: dict[str, str], say: Callable[[str], None] = log.info) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.csv, self.meta = out_dir / "scores.csv", out_dir / "scores_inputs.json"
         self.inputs = inputs
@@ -111,11 +106,11 @@ class ScoreBook:
         if self.csv.is_file() and self.meta.is_file():
             changed = changed_inputs(json.loads(self.meta.read_text()), inputs)
             if changed:
-                log.info(f"NOTICE: {self.csv} was scored with other {', '.join(changed)}; scoring afresh")
+                say(f"NOTICE: {self.csv} was scored with other {', '.join(changed)}; scoring afresh")
             else:
                 self.rows = pd.read_csv(self.csv, dtype={"Id": str, "error": str}, keep_default_na=False,
                                         na_values={"logit": ["", "nan", "NaN"]}).to_dict("records")
-                log.info(f"resuming: {len(self.rows)} scored rows in {self.csv} are reused")
+                say(f"resuming: {len(self.rows)} scored rows in {self.csv} are reused")
 
     def done(self) -> set[tuple[str, str, float]]:
         return {(str(r["Id"]), str(r["degradation"]), float(r["level"])) for r in self.rows}
@@ -134,13 +129,14 @@ class ScoreBook:
 
 
 def score_sweep(data: LabelledSet, plan: Sequence[tuple[str, float]], scorer: Scorer, book: ScoreBook,
-                margin: float = 0.2, chunk: int = 16, max_pixels: int | None = None) -> pd.DataFrame:
+                margin: float = 0.2, chunk: int = 16, max_pixels: int | None = None,
+                progress: bool = True) -> pd.DataFrame:
     """Score every (image, plan point) not yet in ``book``; a chunk of images at a time."""
     done = book.done()
     todo = [(i, n, lv) for i in data.ids for n, lv in plan if (i, n, float(lv)) not in done]
     label = dict(zip(data.ids, data.labels))
     with tqdm(total=len(data.ids) * len(plan), initial=len(data.ids) * len(plan) - len(todo),
-              desc="evaluate (images × degradations)", unit="img") as bar:
+              desc="evaluate (images × degradations)", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), chunk * len(plan)):
             part = todo[start:start + chunk * len(plan)]
             rows = _score_part(part, data, scorer, margin, label, max_pixels)
@@ -177,10 +173,6 @@ def _score_part(part, data: LabelledSet, scorer: Scorer, margin: float, label: d
 
 
 # --- what the scores say ----------------------------------------------------------------------
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
 
 def clean_metrics(scores: pd.DataFrame, cal: Calibration, n_boot: int = 1000, seed: int = 0) -> dict:
     """Metrics of the clean images at the run's threshold and at the best one, with bootstrap 95 %
@@ -219,14 +211,19 @@ def robustness_table(scores: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown_table(frame: pd.DataFrame, floats: str = ".3f") -> str:
+def _cell(key: str, v) -> str:
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "–"
+        return format(v, ".3f") if key in ("roc_auc", "f1", "flipped") else format(v, "g")
+    return str(v)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table: scores to 3 decimals, levels as written, nan as –."""
     cols = list(frame.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in frame.iterrows():
-        cells = [format(v, floats) if isinstance(v, float) and not float(v).is_integer() or
-                 (isinstance(v, float) and k in ("roc_auc", "f1", "flipped")) else str(v)
-                 for k, v in r.items()]
-        lines.append("| " + " | ".join(c.replace("nan", "–") for c in cells) + " |")
+    lines += ["| " + " | ".join(_cell(k, v) for k, v in r.items()) + " |" for _, r in frame.iterrows()]
     return "\n".join(lines)
 
 
@@ -292,7 +289,7 @@ def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, p
         "The best threshold is chosen on this very set, so its row is optimistic.", "",
         metrics_markdown(metrics), "",
         "## Calibration", "",
-        f"Expected calibration error (10 bins): **{c['ece_raw']:.3f}** raw, **{c['ece_calibrated']:.3f}** after the "
+        f"Expected calibration error (ECE, 10 bins): **{c['ece_raw']:.3f}** raw, **{c['ece_calibrated']:.3f}** after the "
         f"run's temperature {c['temperature']:.2f} (0 = the probabilities are honest).", "",
         "![reliability](reliability.png)", "",
         "## Robustness", "",
@@ -314,26 +311,19 @@ def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, p
 # --- the command ------------------------------------------------------------------------------
 
 @dataclass
-class EvalOptions(ScriptOptions):
-    """evaluate.py's flags."""
+class EvalOptions(DetectorOptions):
+    """evaluate.py's flags (the detector's, then its own)."""
 
     data: str = option("data/dataset/test_images", "folder of the labelled photos (raw or already cropped)")
     labels: str = option("test_labels.csv", "their labels: Id,target_feature (1 = fake)")
-    weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
-    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
     out: str = option("evaluation", "folder for metrics.json, the tables, plots, scores.csv and evaluation.md")
     degradations: list[str] = option(help="degradations to sweep (comma-separated): " + ",".join(degrade.DEGRADATIONS),
                                      default_factory=lambda: list(degrade.DEGRADATIONS))
     reduced: bool = option(False, "one level per degradation (JPEG 50, ×0.5, blur 1, noise 5, margin 0.4, social) "
                                   "instead of the full sweep", switch=True)
     bootstrap: int = option(1000, "bootstrap resamples for the 95%% intervals")
-    tta: str = option("full", "full (identity,hflip,rot+5,rot-5: training's inference), minimal (identity,hflip) or a list")
-    margin: float = option(0.2, "face-box margin of the square crop (align_faces.py's default; the margin sweep varies it)")
     chunk: int = option(16, "images per scoring step (scores are saved after each: the resume point)")
-    batch_size: int = option(32, "faces per forward pass (halved on OOM)")
-    device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
     max_pixels: int = option(MAX_PIXELS, "refuse images with more pixels than this")
-    progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
 
 
 def detector_scorer(detector) -> Scorer:
@@ -351,26 +341,33 @@ def detector_scorer(detector) -> Scorer:
     return score
 
 
-def evaluate(opts: EvalOptions, log_to=None) -> dict[str, Path]:
+def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]:
     """Score the labelled set clean and degraded with the run in ``opts.weights_dir``; write the report."""
-    from ..infer.detect import Detector
-
-    say = log.info
+    out = Path(opts.out)
+    run_log = log_to or RunLog(out / "evaluate_log.txt", out / "evaluate_log.jsonl")
+    say = run_log.info
     data = LabelledSet.load(opts.data, opts.labels)
     say(f"{len(data.ids)} labelled images in {opts.data} ({int(data.labels.sum())} fakes); "
-        f"{len(data.missing_images)} labelled Ids without an image, {len(data.unlabelled_images)} images without a label")
+        f"{len(data.missing_images)} labelled Id(s) without an image, {len(data.unlabelled_images)} image(s) without a label")
     plan = degrade.sweep_plan(opts.degradations, opts.reduced)
-    det = Detector.from_run(opts.weights_dir, opts.prefix, tta=opts.tta, device=opts.device,
-                            batch_size=opts.batch_size, margin=opts.margin, say=say)
-    cal = Calibration(det.calibration.threshold, det.calibration.temperature)
-    out = Path(opts.out)
-    inputs = {"weights": det.folds.digest(), "data": data.digest(), "settings": _digest(
-        [f"tta={opts.tta}", f"margin={opts.margin}", f"size={det.img_size}", f"device={det.device.type}"])}
-    say(f"sweep: {len(plan)} points × {len(data.ids)} images ({', '.join(sorted({n for n, _ in plan}))})")
-    scores = score_sweep(data, plan, detector_scorer(det), ScoreBook(out, inputs), opts.margin, opts.chunk,
-                         opts.max_pixels)
+    det = opts.detector(say)
+    cal = det.calibration
+    inputs = {"weights": det.folds.digest(), "data": data.digest(), "settings": digest_lines(
+        [f"tta={opts.tta}", f"margin={opts.margin}", f"size={det.img_size}", f"min_prob={opts.min_prob}",
+         f"max_side={opts.max_side}"])}
+    say(f"sweep: {len(plan)} points × {len(data.ids)} images ({', '.join(dict.fromkeys(n for n, _ in plan))})")
+    with logging_redirect_tqdm():
+        scores = score_sweep(data, plan, detector_scorer(det), ScoreBook(out, inputs, say), opts.margin, opts.chunk,
+                             opts.max_pixels, opts.progress)
+    for note in det.notes:
+        say(f"degraded: {note}")
     files = write_outputs(out, data, scores, cal, opts.bootstrap,
                           source=f"Run `{opts.weights_dir}` ({det.folds.describe()}, threshold {cal.threshold:.3f}, "
                                  f"temperature {cal.temperature:.2f}) on `{opts.data}` with labels `{opts.labels}`.")
+    m = json.loads(files["metrics"].read_text())
+    r = m["run_threshold"]
+    say(f"clean: F1 {r['f1']['value']:.3f} | ROC-AUC {r['roc_auc']['value']:.3f} | missed fakes "
+        f"{int(r['missed_fakes']['value'])}/{m['n_fakes']} | ECE {m['calibration']['ece_raw']:.3f} → "
+        f"{m['calibration']['ece_calibrated']:.3f} after temperature")
     say(f"evaluation: {files['report']}")
     return files
