@@ -48,9 +48,14 @@ STUB = textwrap.dedent('''
         if not all(Path(x).is_file() for x in inputs):
             sys.exit(4)
         Path(opt("--html")).write_text("<html></html>")
+    elif name == "evaluate.py":  # its photos and labels must exist
+        if not (Path(opt("--data")).is_dir() and Path(opt("--labels")).is_file()):
+            sys.exit(5)
+        Path(opt("--out")).mkdir(parents=True, exist_ok=True)
+        Path(opt("--out"), "evaluation.md").write_text("# Evaluation")
 ''')
 SCRIPTS = ("align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "plot_training_curves.py", "safe_inference.py",
-           "detect.py")
+           "detect.py", "evaluate.py")
 
 
 @pytest.fixture()
@@ -106,9 +111,9 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
     scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
     expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
-    assert [[c["script"], *c["args"]] for c in calls[:-1]] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
+    assert [[c["script"], *c["args"]] for c in calls[:-2]] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
     # then detect.py on a few test images (fakes and reals) and the clip made from them, with run2's folds
-    detect_call = calls[-1]
+    detect_call = calls[-2]
     assert detect_call["script"] == "detect.py" and _opts(detect_call["args"])["--weights-dir"] == "run2"
     inputs = detect_call["args"][:detect_call["args"].index("--weights-dir")]
     assert inputs[-1] == demo_run.CLIP and (out / demo_run.CLIP).stat().st_size > 0
@@ -116,6 +121,13 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
     assert len(inputs) - 1 == min(3, int(y.sum())) + min(3, int((y == 0).sum()))
     assert all(p.startswith("data/dataset/test_images/") for p in inputs[:-1])
     assert f"{out.resolve() / 'detect' / 'report.html'}" in (out / "demo_log.txt").read_text()
+    # and evaluate.py last, on the raw test photos and their labels, with a reduced sweep, into run2/evaluation
+    ev = calls[-1]
+    assert ev["script"] == "evaluate.py" and "--reduced" in ev["args"]
+    assert {k: _opts(ev["args"])[k] for k in ("--weights-dir", "--data", "--labels", "--out")} == {
+        "--weights-dir": "run2", "--data": "data/dataset/test_images", "--labels": "test_labels.csv",
+        "--out": "run2/evaluation"}
+    assert f"{out.resolve() / 'run2' / 'evaluation' / 'evaluation.md'}" in (out / "demo_log.txt").read_text()
     assert {c["cwd"] for c in calls} == {str(out.resolve())}
     # stages get sleeping (not spinning) OpenMP threads, as `make test` sets them
     assert {c["omp"] for c in calls} == {"PASSIVE"}
@@ -144,9 +156,10 @@ def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, ph
     expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
     # one training run only; plots and safe inference read run1
     assert [c["script"] for c in calls].count("train_v42_diamond.py") == 1
-    assert calls[-3]["args"] == ["run1", "--out", "run1/plots"]
-    assert _opts(calls[-2]["args"])["--weights-dir"] == "run1" and not (out / "run2").exists()
-    assert calls[-1]["script"] == "detect.py" and _opts(calls[-1]["args"])["--weights-dir"] == "run1"
+    assert calls[-4]["args"] == ["run1", "--out", "run1/plots"]
+    assert _opts(calls[-3]["args"])["--weights-dir"] == "run1" and not (out / "run2").exists()
+    assert calls[-2]["script"] == "detect.py" and _opts(calls[-2]["args"])["--weights-dir"] == "run1"
+    assert calls[-1]["script"] == "evaluate.py" and _opts(calls[-1]["args"])["--weights-dir"] == "run1"
     assert [[c["script"], *c["args"]] for c in calls[:3]] == [[e[1].split("/")[-1], *e[2:]] for e in expected[:3]]
     assert scores["run"] == "run1" and scores["n_diamonds"] == 0 and scores["files"]["submission"].endswith("run1/submission_v42.csv")
     assert "skipping it" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "safe_inference.py",
-           "plot_training_curves.py", "detect.py", "bench/compare_archs.py", "bench/detect_bench.py"]
+           "plot_training_curves.py", "detect.py", "evaluate.py", "bench/compare_archs.py", "bench/detect_bench.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -7,7 +7,8 @@ align_faces.py → train_v42_diamond.py (demo preset) into run1 → make_diamond
 → train_v42_diamond.py again with the diamonds into run2 (skipped, with a notice, when there are
 none: it would repeat run1) → plot_training_curves.py → safe_inference.py with the last run's
 folds → detect.py on a few test images and a short video of them (DIR/detect/: CSV, Grad-CAM
-heatmaps and an HTML report). It ends by scoring that run's submission and probabilities
+heatmaps and an HTML report) → evaluate.py on the test set with a reduced robustness sweep
+(DIR/<run>/evaluation/evaluation.md). It ends by scoring that run's submission and probabilities
 against DIR/test_labels.csv (F1, ROC-AUC, missed fakes; also written to DIR/demo_scores.json)
 and how often the safe submission agrees with the main one.
 """
@@ -61,6 +62,9 @@ DETECT_N_IMAGES = {"fake": 3, "real": 3}
 DETECT_FLAGS = {"out": f"{DETECT_DIR}/detections.csv", "html": f"{DETECT_DIR}/report.html",
                 "heatmaps": f"{DETECT_DIR}/heatmaps", "frames": 6, "tta": "minimal"}
 CLIP = f"{DETECT_DIR}/demo_clip.mp4"
+# evaluate.py last: the raw test photos and their labels, one level per degradation (--reduced).
+EVAL_FLAGS = {"data": "data/dataset/test_images", "labels": "test_labels.csv", "tta": "minimal",
+              "bootstrap": 500}
 # What the runner made and removes before a fresh run (never the user's other files in DIR).
 GENERATED = (FACES, DIAMONDS, *RUNS, DETECT_DIR, "demo_scores.json")
 
@@ -134,6 +138,12 @@ def write_clip(path: Path, images: Sequence[Path], side: int = 256, hold: int = 
 def detect_stage(inputs: Sequence[str], final: str) -> Stage:
     """detect.py on ``inputs`` and the clip with ``final``'s folds."""
     return Stage("detect", "detect.py", [*inputs, CLIP, *_flags({"weights-dir": final, **DETECT_FLAGS})])
+
+
+def evaluate_stage(final: str) -> Stage:
+    """evaluate.py on the demo's test photos with ``final``'s folds, reduced sweep, into final/evaluation."""
+    return Stage("evaluate", "evaluate.py", [*_flags({"weights-dir": final, **EVAL_FLAGS, "out": f"{final}/evaluation"}),
+                                             "--reduced"])
 
 
 def demo_commands(repo: str | os.PathLike = REPO, python: str = sys.executable, quick: bool = False) -> list[list[str]]:
@@ -267,7 +277,7 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
     times.update(run_stages(demo_stages(quick, final)[len(first):], out, log, repo, python))
     inputs = detect_inputs(out)
     write_clip(out / CLIP, [out / p for p in inputs[::2]])
-    times.update(run_stages([detect_stage(inputs, final)], out, log, repo, python))
+    times.update(run_stages([detect_stage(inputs, final), evaluate_stage(final)], out, log, repo, python))
     scores = score(out, final)
     scores["run"], scores["n_diamonds"] = final, n_diamonds
     scores["seconds"] = {**times, "total": round(time.time() - t0, 1)}
@@ -279,6 +289,7 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
              f"{100 * scores['safe_agreement']:.1f}% of images (F1 {scores['safe_f1']:.3f})")
     log.info(f"detect.py's report on {len(inputs)} test images and a clip of {len(inputs[::2])} of them: "
              f"{out / DETECT_FLAGS['html']} (open it in a browser)")
+    log.info(f"evaluate.py (metrics with intervals, calibration, robustness): {out / final / 'evaluation' / 'evaluation.md'}")
     log.info(f"submission: {scores['files']['submission']}  |  plots: {out / final / 'plots'}  |  "
              f"scores: {out / 'demo_scores.json'}  |  total {scores['seconds']['total']:.0f} s")
     return scores
