@@ -271,7 +271,10 @@ def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: C
     plots = []
     for name, g in table[table.degradation != "clean"].groupby("degradation", sort=False):
         d = degrade.DEGRADATIONS[name]
-        files[f"plot_{name}"] = plot_robustness(g, name, d.unit, clean_row, out_dir / f"robustness_{name}.png")
+        margin = name == "margin"  # its levels lie on both sides of the usual margin
+        files[f"plot_{name}"] = plot_robustness(g, name, d.unit, clean_row, out_dir / f"robustness_{name}.png",
+                                                f"clean ({d.clean:g})" if margin else "clean",
+                                                "" if margin else "mild → harsh")
         plots.append(files[f"plot_{name}"].name)
     files["report"] = atomic_write(out_dir / "evaluation.md", lambda t: Path(t).write_text(
         evaluation_markdown(metrics, table, data, plots, len(errors))))

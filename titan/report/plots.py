@@ -399,20 +399,18 @@ def plot_reliability(y: np.ndarray, probs: dict[str, np.ndarray], path: str | os
     return save(fig, path)
 
 
-def plot_robustness(table, name: str, unit: str, clean: dict[str, float], path: str | os.PathLike) -> Path:
-    """One degradation: ROC-AUC and F1 (at the run's threshold) against its level, the clean
-    figures as dashed lines, and the share of verdicts flipped against the clean image."""
+def plot_robustness(table, name: str, unit: str, clean: dict[str, float], path: str | os.PathLike,
+                    clean_label: str = "clean", order: str = "mild → harsh") -> Path:
+    """One degradation: ROC-AUC and F1 (at the run's threshold) from the clean image through each
+    level, and the share of verdicts flipped against the clean image (bars)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    levels = [str(v) for v in table["level"]]
+    levels = [clean_label] + [format(float(v), "g") for v in table["level"]]
     x = np.arange(len(levels))
-    for j, key in enumerate(("roc_auc", "f1")):
-        ax.plot(x, table[key], marker=MARKERS[j], color=f"C{j}", label=key.replace("roc_auc", "ROC-AUC").upper()
-                if key == "f1" else "ROC-AUC")
-        if np.isfinite(clean.get(key, np.nan)):
-            ax.axhline(clean[key], color=f"C{j}", linestyle="--", linewidth=1, alpha=0.7)
-    ax.bar(x, table["flipped"], color="C3", alpha=0.25, width=0.4, label="verdicts flipped")
-    ax.set(xticks=x, xticklabels=levels, ylim=(0, 1.02), xlabel=f"{name}: {unit} (mild → harsh)",
-           ylabel="score / share", title=f"Robustness to {name} (dashed: clean)")
+    for j, (key, label) in enumerate((("roc_auc", "ROC-AUC"), ("f1", "F1 at the run's threshold"))):
+        ax.plot(x, [clean.get(key, np.nan), *table[key]], marker=MARKERS[j], color=f"C{j}", label=label)
+    ax.bar(x, [0.0, *table["flipped"]], color="C3", alpha=0.3, width=0.35, label="verdicts flipped vs clean")
+    ax.set(xticks=x, xticklabels=levels, ylim=(0, 1.02), xlabel=f"{name}: {unit}" + (f" ({order})" if order else ""),
+           ylabel="score / share", title=f"Robustness to {name}")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return save(fig, path)
