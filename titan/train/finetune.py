@@ -238,7 +238,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
     raw = build_classifier(cfg, r.files.ssl_weights, log, d.pos_weight)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup_epochs, cfg.ft_epochs,
-                                 math.ceil(len(d.loader) / cfg.accum_steps), cfg, env)
+                                 math.ceil(len(d.loader) / cfg.accum_steps), cfg, env, f"Fold {k}", log.info)
     if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
         keep_stem_highpass(raw.backbone, stepper.optimizer)
     aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"

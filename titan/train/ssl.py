@@ -78,7 +78,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
         model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
         stepper = optim.make_stepper(raw, model, cfg.ssl_lr, cfg.ssl_weight_decay, cfg.ssl_warmup_epochs, cfg.ssl_epochs,
-                                     math.ceil(len(loader) / cfg.accum_steps), cfg, env)
+                                     math.ceil(len(loader) / cfg.accum_steps), cfg, env, "SSL", log.info)
         if cfg.stem == "highpass":
             keep_stem_highpass(raw.encoder, stepper.optimizer)
         aug = build_augment("ssl").to(dev)
