@@ -19,6 +19,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from .cbam import CBAM
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
+from .timm_convnextv2 import is_timm_convnextv2, map_timm_convnextv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,11 +127,21 @@ def load_imagenet_weights(body: nn.Module, path: str | os.PathLike) -> list[str]
 def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> str:
     """Initialise a backbone from a local file → a line for the run log.
 
-    Titan archs take a backbone state dict (e.g. another run's ``titan_v42_ssl.pth``, strict);
-    the baselines take a torchvision ImageNet checkpoint's ``features.*``.
+    Titan archs take a backbone state dict (e.g. another run's ``titan_v42_ssl.pth``, strict) or
+    a timm ConvNeXt V2 checkpoint (``.pth``/``.safetensors``, mapped block by block:
+    ``timm_convnextv2``); the baselines take a torchvision ImageNet checkpoint's ``features.*``.
     """
     if arch.variant:
-        load_into(body, path)
-        return f"{arch.name}: backbone initialised from {path}"
+        sd = load_state_dict(path)
+        if not is_timm_convnextv2(sd):
+            load_into(body, sd)
+            return f"{arch.name}: backbone initialised from {path}"
+        try:
+            mapped, notes = map_timm_convnextv2(sd, body)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        load_into(body, mapped)
+        return (f"{arch.name}: backbone initialised from timm ConvNeXt V2 weights {path} (stem converted to the "
+                f"(x-0.5)/0.5 input; FFT/SRM input weights start at zero)" + "".join(f"; {n}" for n in notes))
     left = load_imagenet_weights(body, path)
     return f"{arch.name}: ImageNet features from {path}; {len(left)} tensor(s) keep their initial values (e.g. FPN/CBAM)"
