@@ -25,7 +25,7 @@ from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
 from ..metrics import binary_metrics, format_metrics
-from ..models.archs import build_arch_backbone, load_init_weights, resolve_arch
+from ..models.archs import build_arch_backbone, default_start, load_init_weights, resolve_arch
 from ..models.classifier import Classifier
 from ..models.convnextv2 import keep_stem_highpass
 from ..models.heads import build_head
@@ -134,11 +134,11 @@ def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.nda
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
     """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
     arch = resolve_arch(cfg.arch, cfg.variant)
-    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem, cfg.img_size)
     if cfg.init_weights:
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
-        log.info(f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation")
+        log.info(default_start(backbone, arch))
     elif ssl_path.is_file():
         load_into(backbone, ssl_path)
     elif cfg.ssl_epochs <= 0:
