@@ -71,6 +71,7 @@ class TrainConfig:
     init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
     force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
     raw_test_dir: str = "data/dataset/test_images"  # the test set: its images (else the test face crops) get a row each
+    sbi_p: float = 0.0             # share of each batch's real faces made self-blended fakes on the fly (titan.data.sbi); 0 = off
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ..checkpoints import atomic_json, atomic_write, load_file, load_into, save_atomic, save_checkpoint
 from ..config import TrainConfig
 from ..data.augment import augment_batch, build_augment
+from ..data.sbi import SelfBlend
 from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
@@ -121,8 +122,10 @@ def labelled_dataset(r: TrainSession, df: pd.DataFrame) -> ConcatDataset:
 def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.ndarray | None]:
     """(pos_weight, sampler weights) per ``cfg.imbalance``."""
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    # --sbi-p turns that share of the reals into fakes during training: balance what the loss sees
+    n_pos, n_neg = n_pos + cfg.sbi_p * n_neg, (1 - cfg.sbi_p) * n_neg
     if cfg.imbalance == "pos_weight":
-        return (n_neg / n_pos if n_pos else None), None
+        return (n_neg / n_pos if n_pos and n_neg else None), None
     if cfg.imbalance == "sampler":
         counts = np.array([max(n_neg, 1), max(n_pos, 1)], dtype=np.float64)
         return None, 1.0 / counts[y.astype(int)]
@@ -230,6 +233,21 @@ def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarr
     return binary_metrics(y, probs), val_loss, idx, probs
 
 
+def fold_inputs(r: TrainSession):
+    """A loader batch → (images, labels) on the device: decoded, a share ``sbi_p`` of the real faces
+    turned into self-blended fakes (``titan.data.sbi``), then the fine-tuning augmentations."""
+    cfg, dev = r.cfg, r.env.device
+    aug = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev)
+    sbi = SelfBlend(cfg.sbi_p) if cfg.sbi_p > 0 else None
+
+    def inputs(b):
+        x, y = r.images(b[0]), b[1].to(dev, non_blocking=True)
+        if sbi is not None:
+            x, y, _ = sbi(x, y)
+        return augment_batch(aug, x), y
+    return inputs
+
+
 def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inputs: dict[str, str]) -> dict:
     """Fine-tune fold ``k`` (resuming its newest complete epoch state) and save its best epoch."""
     cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
@@ -241,7 +259,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
                                  math.ceil(len(d.loader) / cfg.accum_steps), cfg, env, f"Fold {k}", log.info)
     if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
         keep_stem_highpass(raw.backbone, stepper.optimizer)
-    aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
+    batch_inputs, stem = fold_inputs(r), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
     saved = r.resume(stem, raw, stepper, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}", inputs)
@@ -252,8 +270,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
 
     for epoch in range(start, cfg.ft_epochs):
         d.sampler.set_epoch(epoch)
-        st = train_one_epoch(model, d.loader, stepper, env, cfg.amp,
-                             lambda b: (augment_batch(aug, r.images(b[0])), b[1].to(dev, non_blocking=True)),
+        st = train_one_epoch(model, d.loader, stepper, env, cfg.amp, batch_inputs,
                              lambda m, x, y: m(x, y)[1], f"Fold {k} epoch {epoch + 1}")
         m, val_loss, idx, probs = validate(r, model, d)
         log.info(f"Fold {k} Ep {epoch + 1} | Loss: {st.loss:.4f} | Val F1: {m['f1']:.4f} (th={m['threshold']:.2f}) | "
