@@ -94,7 +94,7 @@ def test_quick_commands_override_training_flags_once():
 
 
 def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, photos, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     out = tmp_path / "demo"
     scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
@@ -121,7 +121,7 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
 
 
 def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, photos, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.setenv("STUB_NO_DIAMONDS", "1")
     out = tmp_path / "demo"
     scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
@@ -137,7 +137,7 @@ def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, ph
 
 
 def test_failing_stage_stops_the_run_and_is_named(tmp_path, stub_repo, photos, monkeypatch):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.setenv("STUB_FAIL", "make_diamonds.py")
     out = tmp_path / "demo"
     with pytest.raises(demo_run.DemoRunError, match=r"'diamonds' failed with exit code 3.*make_diamonds.py"):
@@ -150,7 +150,7 @@ def test_failing_stage_stops_the_run_and_is_named(tmp_path, stub_repo, photos, m
 
 
 def test_fresh_run_removes_earlier_outputs_only(tmp_path, stub_repo, photos, monkeypatch):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     out = tmp_path / "demo"
     (out / "run1").mkdir(parents=True)
     (out / "run1" / "v42_head_fold0.pth").write_text("stale")
@@ -178,7 +178,7 @@ STAGE_SCRIPTS_PRESENT = all((demo_run.REPO / s).is_file() for s in SCRIPTS)
 
 @pytest.mark.skipif(not STAGE_SCRIPTS_PRESENT, reason="the stage scripts are not in this checkout yet")
 def test_quick_demo_runs_the_real_pipeline_end_to_end(tmp_path, photos, monkeypatch):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     out = tmp_path / "demo"
     scores = demo_run.run_demo(out, demo.DemoSpec(n_images=24), quick=True)
     n_test = len(pd.read_csv(out / "test_labels.csv"))

@@ -192,7 +192,7 @@ def clean(out: Path) -> None:
 
 def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = None, quick: bool = False,
              resume: bool = False, photos_dir: str | os.PathLike | None = None, repo: str | os.PathLike = REPO,
-             python: str = sys.executable, log: RunLog | None = None) -> dict:
+             python: str = sys.executable, log: RunLog | None = None, cache: str | os.PathLike | None = None) -> dict:
     """Build the demo set, run every stage, score the last run; returns the scores (also in demo_scores.json)."""
     out, repo = Path(out).resolve(), Path(repo).resolve()
     spec = spec or demo.DemoSpec(n_images=QUICK_N_IMAGES if quick else demo.DemoSpec().n_images)
@@ -206,7 +206,7 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
         log.info(f"--resume: keeping the demo set and stage outputs in {out}")
     else:
         clean(out)
-        demo.build_dataset(out, spec, photos_dir=photos_dir, log=log)
+        demo.build_dataset(out, spec, photos_dir=photos_dir, log=log, cache=cache)
         atomic_write(spec_file, lambda tmp: Path(tmp).write_text(json.dumps(asdict(spec))))
     times = {"dataset": round(time.time() - t0, 1)}
     first = demo_stages(quick)[:3]  # align, run1, diamonds
@@ -248,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.n_images is None:
         args.n_images = QUICK_N_IMAGES if args.quick else demo.DemoSpec().n_images
     try:
-        run_demo(args.out, demo.spec_from_args(args), quick=args.quick, resume=args.resume, photos_dir=args.photos)
+        run_demo(args.out, demo.spec_from_args(args), quick=args.quick, resume=args.resume, photos_dir=args.photos,
+                 cache=args.cache)
     except DemoRunError as e:
         raise SystemExit(f"demo: {e}") from None
 
