@@ -65,8 +65,15 @@ def _opts(argv):
     return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
 
 
-def test_commands_follow_the_stage_contracts(tmp_path):
+def test_by_default_the_demo_trains_once_and_plots_and_serves_run1(tmp_path):
     cmds = demo_run.demo_commands(repo=tmp_path, python="py")
+    assert [c[1].split("/")[-1] for c in cmds] == [
+        "align_faces.py", "train_v42_diamond.py", "plot_training_curves.py", "safe_inference.py"]
+    assert cmds[2][2:] == ["run1", "--out", "run1/plots"] and _opts(cmds[3][2:])["--weights-dir"] == "run1"
+
+
+def test_commands_follow_the_stage_contracts(tmp_path):
+    cmds = demo_run.demo_commands(repo=tmp_path, python="py", self_train=True)
     assert [c[1].split("/")[-1] for c in cmds] == [
         "align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "train_v42_diamond.py",
         "plot_training_curves.py", "safe_inference.py"]
@@ -97,9 +104,10 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
     monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     out = tmp_path / "demo"
-    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable,
+                               self_train=True)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
-    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
+    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True, self_train=True)
     assert [[c["script"], *c["args"]] for c in calls] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
     assert {c["cwd"] for c in calls} == {str(out.resolve())}
     # stages get sleeping (not spinning) OpenMP threads, as `make test` sets them
@@ -124,9 +132,10 @@ def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, ph
     monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.setenv("STUB_NO_DIAMONDS", "1")
     out = tmp_path / "demo"
-    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable,
+                               self_train=True)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
-    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
+    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True, self_train=True)
     # one training run only; plots and safe inference read run1
     assert [c["script"] for c in calls].count("train_v42_diamond.py") == 1
     assert calls[-2]["args"] == ["run1", "--out", "run1/plots"]
@@ -136,12 +145,23 @@ def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, ph
     assert "skipping it" in capsys.readouterr().err
 
 
+def test_without_self_training_no_diamonds_are_made_and_run1_is_scored(tmp_path, stub_repo, photos, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
+    out = tmp_path / "demo"
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    ran = [json.loads(line)["script"] for line in (out / "calls.jsonl").read_text().splitlines()]
+    assert ran == ["align_faces.py", "train_v42_diamond.py", "plot_training_curves.py", "safe_inference.py"]
+    assert scores["run"] == "run1" and scores["self_train"] is False and not (out / "train_diamond.csv").exists()
+    assert "self-training (make_diamonds.py → run2) skipped" in capsys.readouterr().err
+
+
 def test_failing_stage_stops_the_run_and_is_named(tmp_path, stub_repo, photos, monkeypatch):
     monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.setenv("STUB_FAIL", "make_diamonds.py")
     out = tmp_path / "demo"
     with pytest.raises(demo_run.DemoRunError, match=r"'diamonds' failed with exit code 3.*make_diamonds.py"):
-        demo_run.run_demo(out, demo.DemoSpec(n_images=12), quick=True, repo=stub_repo, python=sys.executable)
+        demo_run.run_demo(out, demo.DemoSpec(n_images=12), quick=True, repo=stub_repo, python=sys.executable,
+                          self_train=True)
     ran = [json.loads(line)["script"] for line in (out / "calls.jsonl").read_text().splitlines()]
     assert ran == ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py"]
     # resuming with another demo set would mix two sets: refused
@@ -180,7 +200,7 @@ STAGE_SCRIPTS_PRESENT = all((demo_run.REPO / s).is_file() for s in SCRIPTS)
 def test_quick_demo_runs_the_real_pipeline_end_to_end(tmp_path, photos, monkeypatch):
     monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     out = tmp_path / "demo"
-    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=24), quick=True)
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=24), quick=True, self_train=True)  # every stage
     n_test = len(pd.read_csv(out / "test_labels.csv"))
     assert scores["n"] == n_test and 0.0 <= scores["roc_auc"] <= 1.0 and 0.0 <= scores["safe_agreement"] <= 1.0
     # run2 exactly when make_diamonds added rows; the last run holds the plots and the submission

@@ -80,14 +80,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(variant="atto", img_size=64, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
                  ssl_warmup_epochs=0, mask_patch=32, ft_epochs=2, ft_warmup_epochs=0, infer_batch_size=16,
                  tta="identity,hflip", threads=1),
-    # `make demo`: the real pipeline on the 500-image demo set in minutes on 2 CPU cores. The
-    # demo's cues are blending artefacts (a softer, recoloured face inside a sharp frame), so blur
-    # and JPEG augmentation are off; a from-scratch model on ~250 images learns them only slowly,
-    # so no label smoothing or head dropout either, and a high-pass stem (zero-sum filters) so it
-    # looks at those artefacts rather than each patch's mean colour; 96 px keeps cues and time.
-    "demo": dict(variant="atto", stem="highpass", img_size=96, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
-                 ssl_warmup_epochs=0, n_folds=3, ft_epochs=16, ft_lr=3e-4, ft_warmup_epochs=1,
-                 label_smoothing=0.0, dropout=0.0, jpeg_p=0.0, blur_p=0.0, infer_batch_size=32,
+    # `make demo`: the real pipeline on the 500-image demo set in minutes on 2 CPU cores, scored on
+    # faces whose identities it never trained on. Measured (README, "make demo"): TitanNet from
+    # scratch stays near chance there in 4 CPU minutes, while EfficientNet-Lite0 from the ImageNet
+    # weights its package ships learns the blending cues in 5 epochs (plateau by epoch 3–5);
+    # mean = std = 0.5 input, lr 5e-4 with 1 warm-up epoch, batch 16. A share of self-blended
+    # fakes (--sbi-p 0.3) teaches the face-region blending boundary itself rather than this set's
+    # generator; JPEG re-compression (--jpeg-p 0.3, the README's) keeps it robust to re-encoding and
+    # measured better, not worse. No label smoothing or blur; 96 px keeps cues and time.
+    "demo": dict(arch="efficientnet-lite0", variant="atto", stem="standard", img_size=96, batch_size=16, accum_steps=1,
+                 num_workers=0, ssl_epochs=1, ssl_warmup_epochs=0, n_folds=3, ft_epochs=5, ft_lr=5e-4, ft_warmup_epochs=1,
+                 label_smoothing=0.0, dropout=0.2, jpeg_p=0.3, blur_p=0.0, sbi_p=0.3, infer_batch_size=32,
                  tta="identity,hflip", threads=2),
 }
 
