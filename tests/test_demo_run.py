@@ -79,9 +79,9 @@ def test_commands_follow_the_stage_contracts(tmp_path):
         "plot_training_curves.py", "safe_inference.py"]
     assert all(c[0] == "py" and c[1].startswith(str(tmp_path)) for c in cmds)
     align, train1, diamonds, train2, plots, safe = (_opts(c[2:]) for c in cmds)
-    assert align == {"--input": "data/dataset", "--output": "data/faces_512", "--size": "96"}
+    assert align == {"--input": "data/dataset", "--output": "data/faces_512", "--size": "128"}
     assert train1 == {"--preset": "demo", "--faces-dir": "data/faces_512", "--train-csv": "train_diamond.csv",
-                      "--fallback-csv": "data/dataset/train_solution.csv", "--img-size": "96", "--out-dir": "run1"}
+                      "--fallback-csv": "data/dataset/train_solution.csv", "--img-size": "128", "--out-dir": "run1"}
     assert train2 == dict(train1, **{"--out-dir": "run2"})
     # diamonds come from run1's folds and feed run2's --train-csv
     assert diamonds == {"--weights-dir": "run1", "--prefix": "v42", "--test-dir": "data/faces_512/test",

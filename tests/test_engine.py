@@ -84,6 +84,17 @@ def test_a_warmup_longer_than_half_its_run_is_clamped_with_a_notice_so_the_lr_re
     assert optim.fit_warmup(5, 50, 7, "SSL") == (35, None)  # the README recipe is untouched
 
 
+def test_head_lr_mult_gives_the_head_its_own_learning_rate_and_keeps_the_decay_split():
+    model = Classifier(nn.Sequential(nn.Linear(4, 8)), build_head("linear", 8))
+    opt = optim.make_optimizer(model, 1e-4, 0.05, torch.device("cpu"), head_lr_mult=10)
+    head_ids = {id(p) for p in model.head.parameters()}
+    for g in opt.param_groups:
+        is_head = {id(p) in head_ids for p in g["params"]}
+        assert len(is_head) == 1
+        assert g["lr"] == pytest.approx(1e-3 if is_head.pop() else 1e-4)
+    assert sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [(0.0, 1), (0.0, 1), (0.05, 1), (0.05, 1)]
+
+
 def test_no_weight_decay_on_norms_biases_and_grn():
     opt = optim.make_optimizer(build_head("linear", 8), 1e-3, 0.05, torch.device("cpu"))
     decay, no_decay = opt.param_groups

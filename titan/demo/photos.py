@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -115,11 +116,12 @@ def fetch_source(src: Source, cache: Path, run: Callable | None = None) -> list[
     return files
 
 
-def fetch_photos(cache: Path | None = None, log: Callable[[str], None] = print,
+def fetch_photos(cache: Path | None = None, log: Callable[[str], None] | None = None,
                  sources: Sequence[Source] = SOURCES, run: Callable | None = None) -> list[Path]:
     """Every source's photo files (cached); a source that cannot be fetched is skipped with a notice."""
     cache = Path(cache or default_cache())
     cache.mkdir(parents=True, exist_ok=True)
+    log = log or logging.getLogger("titan").warning
     files = []
     for src in sources:
         try:

@@ -37,7 +37,7 @@ from ..runlog import RunLog
 REPO = Path(__file__).resolve().parents[2]
 
 # --- every flag the demo passes, in one place (paths relative to DIR) -------------------------
-IMG_SIZE = 96
+IMG_SIZE = 128
 FACES = "data/faces_512"
 DIAMONDS = "train_diamond.csv"
 TRAIN_CSV = "data/dataset/train_solution.csv"

@@ -13,15 +13,20 @@ from ..device import make_scaler
 from .distributed import DistEnv
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on norms, biases, GRN and mask tokens (all ≤1-D or tokens)."""
-    decay, no_decay = [], []
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   head_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """AdamW without weight decay on norms, biases, GRN and mask tokens (all ≤1-D or tokens);
+    parameters under ``head.`` learn at ``head_lr_mult`` × ``lr`` (a new head on a pretrained body)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(("gamma", "beta", "mask_token")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+        no_decay = p.ndim <= 1 or name.endswith(("gamma", "beta", "mask_token"))
+        groups.setdefault((no_decay, head_lr_mult != 1.0 and name.startswith("head.")), []).append(p)
+    param_groups = [{"params": groups.get((nd, head), []), "weight_decay": 0.0 if nd else weight_decay,
+                     "lr": lr * (head_lr_mult if head else 1.0)}
+                    for head in (False, True) for nd in (False, True) if (nd, head) in groups or not head]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.01):
@@ -136,7 +141,7 @@ def make_stepper(raw: nn.Module, model: nn.Module, lr: float, weight_decay: floa
     """AdamW over ``raw``'s parameters, warm-up + cosine over ``epochs``, and the stepper driving
     ``model`` (``raw`` wrapped for the device); ``cfg`` gives the AMP, accumulation and guard settings.
     A warm-up longer than half the run is clamped (``fit_warmup``); ``notify`` gets the notice."""
-    optimizer = make_optimizer(raw, lr, weight_decay, env.device)
+    optimizer = make_optimizer(raw, lr, weight_decay, env.device, getattr(cfg, "head_lr_mult", 1.0))
     warmup, notice = fit_warmup(warmup_epochs, epochs, steps_per_epoch, name)
     if notice and notify:
         notify(notice)
