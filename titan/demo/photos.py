@@ -127,10 +127,13 @@ def fetch_photos(cache: Path | None = None, log: Callable[[str], None] | None = 
         try:
             files += fetch_source(src, cache, run)
         except (OSError, subprocess.SubprocessError, RuntimeError, KeyError, zipfile.BadZipFile, tarfile.TarError) as e:
-            detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if getattr(e, "stderr", None) else ""
-            log(f"NOTICE: demo photos: could not fetch {src.spec} with {src.client.split('-')[0]} "
-                f"({type(e).__name__}: {e}{' — ' + detail[0] if detail else ''}); going on without its "
-                f"{len(src.members)} photo(s)")
+            if isinstance(e, subprocess.CalledProcessError):  # its str is the whole command line: say what it said
+                last = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
+                why = f"exit status {e.returncode}" + (f": {last[0]}" if last else "")
+            else:
+                why = f"{type(e).__name__}: {e}"
+            log(f"NOTICE: demo photos: could not fetch {src.spec} with {src.client.split('-')[0]} ({why}); "
+                f"going on without its {len(src.members)} photo(s)")
     return files
 
 
