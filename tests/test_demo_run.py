@@ -76,16 +76,23 @@ def _opts(argv):
     return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
 
 
-def test_commands_follow_the_stage_contracts(tmp_path):
+def test_by_default_the_demo_trains_once_and_plots_and_serves_run1(tmp_path):
     cmds = demo_run.demo_commands(repo=tmp_path, python="py")
+    assert [c[1].split("/")[-1] for c in cmds] == [
+        "align_faces.py", "train_v42_diamond.py", "plot_training_curves.py", "safe_inference.py"]
+    assert cmds[2][2:] == ["run1", "--out", "run1/plots"] and _opts(cmds[3][2:])["--weights-dir"] == "run1"
+
+
+def test_commands_follow_the_stage_contracts(tmp_path):
+    cmds = demo_run.demo_commands(repo=tmp_path, python="py", self_train=True)
     assert [c[1].split("/")[-1] for c in cmds] == [
         "align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "train_v42_diamond.py",
         "plot_training_curves.py", "safe_inference.py"]
     assert all(c[0] == "py" and c[1].startswith(str(tmp_path)) for c in cmds)
     align, train1, diamonds, train2, plots, safe = (_opts(c[2:]) for c in cmds)
-    assert align == {"--input": "data/dataset", "--output": "data/faces_512", "--size": "96"}
+    assert align == {"--input": "data/dataset", "--output": "data/faces_512", "--size": "128"}
     assert train1 == {"--preset": "demo", "--faces-dir": "data/faces_512", "--train-csv": "train_diamond.csv",
-                      "--fallback-csv": "data/dataset/train_solution.csv", "--img-size": "96", "--out-dir": "run1"}
+                      "--fallback-csv": "data/dataset/train_solution.csv", "--img-size": "128", "--out-dir": "run1"}
     assert train2 == dict(train1, **{"--out-dir": "run2"})
     # diamonds come from run1's folds and feed run2's --train-csv
     assert diamonds == {"--weights-dir": "run1", "--prefix": "v42", "--test-dir": "data/faces_512/test",
@@ -105,12 +112,13 @@ def test_quick_commands_override_training_flags_once():
 
 
 def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, photos, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     out = tmp_path / "demo"
-    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable,
+                               self_train=True)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
-    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
+    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True, self_train=True)
     assert [[c["script"], *c["args"]] for c in calls[:-2]] == [[e[1].split("/")[-1], *e[2:]] for e in expected]
     # then detect.py on a few test images (fakes and reals) and the clip made from them, with run2's folds
     detect_call = calls[-2]
@@ -148,12 +156,13 @@ def test_runner_runs_every_stage_in_dir_and_scores_run2(tmp_path, stub_repo, pho
 
 
 def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, photos, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.setenv("STUB_NO_DIAMONDS", "1")
     out = tmp_path / "demo"
-    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable,
+                               self_train=True)
     calls = [json.loads(line) for line in (out / "calls.jsonl").read_text().splitlines()]
-    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True)
+    expected = demo_run.demo_commands(repo=stub_repo, python=sys.executable, quick=True, self_train=True)
     # one training run only; plots and safe inference read run1
     assert [c["script"] for c in calls].count("train_v42_diamond.py") == 1
     assert calls[-4]["args"] == ["run1", "--out", "run1/plots"]
@@ -165,12 +174,24 @@ def test_run2_is_skipped_when_make_diamonds_adds_no_rows(tmp_path, stub_repo, ph
     assert "skipping it" in capsys.readouterr().err
 
 
+def test_without_self_training_no_diamonds_are_made_and_run1_is_scored(tmp_path, stub_repo, photos, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
+    out = tmp_path / "demo"
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=20), quick=True, repo=stub_repo, python=sys.executable)
+    ran = [json.loads(line)["script"] for line in (out / "calls.jsonl").read_text().splitlines()]
+    assert ran == ["align_faces.py", "train_v42_diamond.py", "plot_training_curves.py", "safe_inference.py",
+                   "detect.py", "evaluate.py"]
+    assert scores["run"] == "run1" and scores["self_train"] is False and not (out / "train_diamond.csv").exists()
+    assert "self-training (make_diamonds.py → run2) skipped" in capsys.readouterr().err
+
+
 def test_failing_stage_stops_the_run_and_is_named(tmp_path, stub_repo, photos, monkeypatch):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     monkeypatch.setenv("STUB_FAIL", "make_diamonds.py")
     out = tmp_path / "demo"
     with pytest.raises(demo_run.DemoRunError, match=r"'diamonds' failed with exit code 3.*make_diamonds.py"):
-        demo_run.run_demo(out, demo.DemoSpec(n_images=12), quick=True, repo=stub_repo, python=sys.executable)
+        demo_run.run_demo(out, demo.DemoSpec(n_images=12), quick=True, repo=stub_repo, python=sys.executable,
+                          self_train=True)
     ran = [json.loads(line)["script"] for line in (out / "calls.jsonl").read_text().splitlines()]
     assert ran == ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py"]
     # resuming with another demo set would mix two sets: refused
@@ -179,7 +200,7 @@ def test_failing_stage_stops_the_run_and_is_named(tmp_path, stub_repo, photos, m
 
 
 def test_fresh_run_removes_earlier_outputs_only(tmp_path, stub_repo, photos, monkeypatch):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     out = tmp_path / "demo"
     (out / "run1").mkdir(parents=True)
     (out / "run1" / "v42_head_fold0.pth").write_text("stale")
@@ -207,9 +228,9 @@ STAGE_SCRIPTS_PRESENT = all((demo_run.REPO / s).is_file() for s in SCRIPTS)
 
 @pytest.mark.skipif(not STAGE_SCRIPTS_PRESENT, reason="the stage scripts are not in this checkout yet")
 def test_quick_demo_runs_the_real_pipeline_end_to_end(tmp_path, photos, monkeypatch):
-    monkeypatch.setattr(demo, "load_photos", lambda photos_dir=None: photos)
+    monkeypatch.setattr(demo, "gather_photos", lambda *a, **k: photos)
     out = tmp_path / "demo"
-    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=24), quick=True)
+    scores = demo_run.run_demo(out, demo.DemoSpec(n_images=24), quick=True, self_train=True)  # every stage
     n_test = len(pd.read_csv(out / "test_labels.csv"))
     assert scores["n"] == n_test and 0.0 <= scores["roc_auc"] <= 1.0 and 0.0 <= scores["safe_agreement"] <= 1.0
     # run2 exactly when make_diamonds added rows; the last run holds the plots and the submission

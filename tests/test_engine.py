@@ -68,6 +68,33 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 0.9)))
 
 
+def test_a_warmup_longer_than_half_its_run_is_clamped_with_a_notice_so_the_lr_reaches_its_peak():
+    cfg = type("Cfg", (), {"min_lr_ratio": 0.01, "accum_steps": 1, "max_bad_steps": 5, "amp": False})()
+    notices: list[str] = []
+    for warmup, epochs in ((5, 1), (1, 16)):  # SSL --ssl-epochs 1 with the README's 5 warm-up epochs; the demo's fine-tune
+        model = nn.Linear(2, 1)
+        st = optim.make_stepper(model, model, 5e-4, 0.0, warmup, epochs, 10, cfg, distributed.DistEnv(), "SSL", notices.append)
+        lrs = []
+        for _ in range(epochs * 10):
+            st.backward(model(torch.ones(1, 2)).sum(), "s")
+            lrs.append(st.lr)
+        assert max(lrs) > 0.9 * 5e-4, (warmup, epochs, max(lrs))
+    assert len(notices) == 1 and "SSL: 5 warm-up epoch(s) do not fit a 1-epoch run" in notices[0]
+    assert "clamped to 5 of its 10 optimiser steps" in notices[0]
+    assert optim.fit_warmup(5, 50, 7, "SSL") == (35, None)  # the README recipe is untouched
+
+
+def test_head_lr_mult_gives_the_head_its_own_learning_rate_and_keeps_the_decay_split():
+    model = Classifier(nn.Sequential(nn.Linear(4, 8)), build_head("linear", 8))
+    opt = optim.make_optimizer(model, 1e-4, 0.05, torch.device("cpu"), head_lr_mult=10)
+    head_ids = {id(p) for p in model.head.parameters()}
+    for g in opt.param_groups:
+        is_head = {id(p) in head_ids for p in g["params"]}
+        assert len(is_head) == 1
+        assert g["lr"] == pytest.approx(1e-3 if is_head.pop() else 1e-4)
+    assert sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [(0.0, 1), (0.0, 1), (0.05, 1), (0.05, 1)]
+
+
 def test_no_weight_decay_on_norms_biases_and_grn():
     opt = optim.make_optimizer(build_head("linear", 8), 1e-3, 0.05, torch.device("cpu"))
     decay, no_decay = opt.param_groups

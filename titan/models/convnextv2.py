@@ -21,10 +21,11 @@ class Variant:
 
 
 # v42/v38 are the released Titan models; atto/femto/pico/nano are the paper's small sizes,
-# for CPU runs, tests and the demo.
+# for CPU runs, tests and the demo; base is the paper's, for timm's pretrained weights.
 VARIANTS: dict[str, Variant] = {
     "v42": Variant((3, 3, 12, 3), (96, 192, 384, 768)),
-    "v38": Variant((3, 3, 9, 3), (96, 192, 384, 768)),
+    "v38": Variant((3, 3, 9, 3), (96, 192, 384, 768)),  # = convnextv2_tiny's shape
+    "base": Variant((3, 3, 27, 3), (128, 256, 512, 1024)),  # convnextv2_base (timm --init-weights)
     "atto": Variant((2, 2, 6, 2), (40, 80, 160, 320)),
     "femto": Variant((2, 2, 6, 2), (48, 96, 192, 384)),
     "pico": Variant((2, 2, 6, 2), (64, 128, 256, 512)),

@@ -32,7 +32,7 @@ from ..models.classifier import FoldModel
 from ..runlog import RunLog
 from . import distributed
 from .epoch import predict_logits
-from .finetune import fold_data, fold_model, finetune_epoch
+from .finetune import fold_data, fold_inputs, fold_model, finetune_epoch
 from .session import TrainSession
 from .ssl import ssl_data, ssl_epoch, ssl_model
 
@@ -135,8 +135,7 @@ def estimate_finetune(r: TrainSession, labels, steps: int, works) -> tuple[list[
     loader = TimedLoader(subset_loader(r, d.loader.dataset, cfg.batch_size, warm + timed, cfg.seed))
     reset_peak_memory(dev)
     raw, model, stepper = fold_model(r, d.pos_weight, 1, QUIET)
-    finetune_epoch(r, model, loader, stepper, build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev),
-                   "estimate: fine-tune")
+    finetune_epoch(r, model, loader, stepper, fold_inputs(r), "estimate: fine-tune (+SBI, augmentation)")
     synchronize(dev)
     rows = [timed_cost("fine-tune step (+aug)", loader, warm, works["finetune"], peak_memory_gib(dev), env.world_size)]
     reset_peak_memory(dev)

@@ -21,12 +21,13 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ..checkpoints import atomic_json, atomic_write, load_file, load_into, save_atomic, save_checkpoint
 from ..config import TrainConfig
 from ..data.augment import augment_batch, build_augment
+from ..data.sbi import SelfBlend
 from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
 from ..infer.calibration import calibrate_oof
 from ..metrics import binary_metrics, format_metrics
-from ..models.archs import build_arch_backbone, load_init_weights, resolve_arch
+from ..models.archs import build_arch_backbone, default_start, load_init_weights, resolve_arch
 from ..models.classifier import Classifier
 from ..models.convnextv2 import keep_stem_highpass
 from ..models.heads import build_head
@@ -122,8 +123,10 @@ def labelled_dataset(r: TrainSession, df: pd.DataFrame) -> ConcatDataset:
 def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.ndarray | None]:
     """(pos_weight, sampler weights) per ``cfg.imbalance``."""
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    # --sbi-p turns that share of the reals into fakes during training: balance what the loss sees
+    n_pos, n_neg = n_pos + cfg.sbi_p * n_neg, (1 - cfg.sbi_p) * n_neg
     if cfg.imbalance == "pos_weight":
-        return (n_neg / n_pos if n_pos else None), None
+        return (n_neg / n_pos if n_pos and n_neg else None), None
     if cfg.imbalance == "sampler":
         counts = np.array([max(n_neg, 1), max(n_pos, 1)], dtype=np.float64)
         return None, 1.0 / counts[y.astype(int)]
@@ -135,11 +138,11 @@ def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.nda
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
     """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
     arch = resolve_arch(cfg.arch, cfg.variant)
-    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem, cfg.img_size)
     if cfg.init_weights:
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
-        log.info(f"NOTICE: {arch.name}: no --init-weights — fine-tuning from random initialisation")
+        log.info(default_start(backbone, arch))
     elif ssl_path.is_file():
         load_into(backbone, ssl_path)
     elif cfg.ssl_epochs <= 0:
@@ -232,34 +235,47 @@ def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarr
 
 
 def fold_model(r: TrainSession, pos_weight: float | None, steps_per_epoch: int,
-               log: RunLog) -> tuple[Classifier, torch.nn.Module, optim.Stepper]:
+               log: RunLog, name: str = "Fold") -> tuple[Classifier, torch.nn.Module, optim.Stepper]:
     """(the fold's classifier from the SSL backbone, the same placed for the device, its stepper)."""
     cfg, env = r.cfg, r.env
     raw = build_classifier(cfg, r.files.ssl_weights, log, pos_weight)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup_epochs, cfg.ft_epochs,
-                                 steps_per_epoch, cfg, env)
+                                 steps_per_epoch, cfg, env, name, log.info)
     if cfg.stem == "highpass" and resolve_arch(cfg.arch, cfg.variant).ssl:  # TitanNet only
         keep_stem_highpass(raw.backbone, stepper.optimizer)
     return raw, model, stepper
 
 
-def finetune_epoch(r: TrainSession, model: torch.nn.Module, loader, stepper: optim.Stepper, aug: torch.nn.Module,
+def fold_inputs(r: TrainSession):
+    """A loader batch → (images, labels) on the device: decoded, a share ``sbi_p`` of the real faces
+    turned into self-blended fakes (``titan.data.sbi``), then the fine-tuning augmentations."""
+    cfg, dev = r.cfg, r.env.device
+    aug = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev)
+    sbi = SelfBlend(cfg.sbi_p) if cfg.sbi_p > 0 else None
+
+    def inputs(b):
+        x, y = r.images(b[0]), b[1].to(dev, non_blocking=True)
+        if sbi is not None:
+            x, y, _ = sbi(x, y)
+        return augment_batch(aug, x), y
+    return inputs
+
+
+def finetune_epoch(r: TrainSession, model: torch.nn.Module, loader, stepper: optim.Stepper, inputs,
                    name: str) -> EpochStats:
-    """One fine-tuning epoch over ``loader``: augmented faces and labels in, the classifier's loss out."""
-    dev = r.env.device
-    return train_one_epoch(model, loader, stepper, r.env, r.cfg.amp,
-                           lambda b: (augment_batch(aug, r.images(b[0])), b[1].to(dev, non_blocking=True)),
-                           lambda m, x, y: m(x, y)[1], name)
+    """One fine-tuning epoch over ``loader``: ``inputs`` (``fold_inputs``) makes each batch's faces
+    and labels, the classifier's loss comes out."""
+    return train_one_epoch(model, loader, stepper, r.env, r.cfg.amp, inputs, lambda m, x, y: m(x, y)[1], name)
 
 
 def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inputs: dict[str, str]) -> dict:
     """Fine-tune fold ``k`` (resuming its newest complete epoch state) and save its best epoch."""
-    cfg, env, log, dev = r.cfg, r.env, r.log, r.env.device
+    cfg, env, log = r.cfg, r.env, r.log
     state.seed_everything(cfg.seed + 1 + k + 7919 * env.rank)  # the same start whether or not other folds ran here
     d = fold_data(r, df, folds, k)
-    raw, model, stepper = fold_model(r, d.pos_weight, math.ceil(len(d.loader) / cfg.accum_steps), log)
-    aug, stem = build_augment("finetune", cfg.jpeg_p, cfg.blur_p).to(dev), f"fold{k}"
+    raw, model, stepper = fold_model(r, d.pos_weight, math.ceil(len(d.loader) / cfg.accum_steps), log, f"Fold {k}")
+    batch_inputs, stem = fold_inputs(r), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
     saved = r.resume(stem, raw, stepper, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}", inputs)
@@ -270,7 +286,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
 
     for epoch in range(start, cfg.ft_epochs):
         d.sampler.set_epoch(epoch)
-        st = finetune_epoch(r, model, d.loader, stepper, aug, f"Fold {k} epoch {epoch + 1}")
+        st = finetune_epoch(r, model, d.loader, stepper, batch_inputs, f"Fold {k} epoch {epoch + 1}")
         m, val_loss, idx, probs = validate(r, model, d)
         log.info(f"Fold {k} Ep {epoch + 1} | Loss: {st.loss:.4f} | Val F1: {m['f1']:.4f} (th={m['threshold']:.2f}) | "
                  f"AUC: {m['roc_auc']:.4f} | AP: {m['ap']:.4f} | LR: {stepper.lr:.1e}")

@@ -3,7 +3,7 @@ the non-finite-loss guard."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -13,15 +13,20 @@ from ..device import make_scaler
 from .distributed import DistEnv
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on norms, biases, GRN and mask tokens (all ≤1-D or tokens)."""
-    decay, no_decay = [], []
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   head_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """AdamW without weight decay on norms, biases, GRN and mask tokens (all ≤1-D or tokens);
+    parameters under ``head.`` learn at ``head_lr_mult`` × ``lr`` (a new head on a pretrained body)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(("gamma", "beta", "mask_token")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+        no_decay = p.ndim <= 1 or name.endswith(("gamma", "beta", "mask_token"))
+        groups.setdefault((no_decay, head_lr_mult != 1.0 and name.startswith("head.")), []).append(p)
+    param_groups = [{"params": groups.get((nd, head), []), "weight_decay": 0.0 if nd else weight_decay,
+                     "lr": lr * (head_lr_mult if head else 1.0)}
+                    for head in (False, True) for nd in (False, True) if (nd, head) in groups or not head]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.01):
@@ -117,10 +122,28 @@ class Stepper:
         self.bad_total = int(sd.get("bad_total", 0))
 
 
+def fit_warmup(warmup_epochs: int, epochs: int, steps_per_epoch: int, name: str) -> tuple[int, str | None]:
+    """Warm-up steps for a run of ``epochs`` → (steps, notice or None).
+
+    A warm-up may take at most half the run: a longer one is clamped to half (and said so), since
+    the run would otherwise end before its learning rate got near the configured one (5 warm-up
+    epochs in a 1-epoch SimMIM run never pass 1/6 of ``--ssl-lr``)."""
+    asked, total = max(0, warmup_epochs) * steps_per_epoch, max(1, epochs * steps_per_epoch)
+    if asked <= total // 2:
+        return asked, None
+    return total // 2, (f"NOTICE: {name}: {warmup_epochs} warm-up epoch(s) do not fit a {epochs}-epoch run; "
+                        f"warm-up clamped to {total // 2} of its {total} optimiser steps (half the run)")
+
+
 def make_stepper(raw: nn.Module, model: nn.Module, lr: float, weight_decay: float, warmup_epochs: int, epochs: int,
-                 steps_per_epoch: int, cfg, env: DistEnv) -> Stepper:
+                 steps_per_epoch: int, cfg, env: DistEnv, name: str = "training",
+                 notify: Callable[[str], None] | None = None) -> Stepper:
     """AdamW over ``raw``'s parameters, warm-up + cosine over ``epochs``, and the stepper driving
-    ``model`` (``raw`` wrapped for the device); ``cfg`` gives the AMP, accumulation and guard settings."""
-    optimizer = make_optimizer(raw, lr, weight_decay, env.device)
-    scheduler = warmup_cosine(optimizer, warmup_epochs * steps_per_epoch, epochs * steps_per_epoch, cfg.min_lr_ratio)
+    ``model`` (``raw`` wrapped for the device); ``cfg`` gives the AMP, accumulation and guard settings.
+    A warm-up longer than half the run is clamped (``fit_warmup``); ``notify`` gets the notice."""
+    optimizer = make_optimizer(raw, lr, weight_decay, env.device, getattr(cfg, "head_lr_mult", 1.0))
+    warmup, notice = fit_warmup(warmup_epochs, epochs, steps_per_epoch, name)
+    if notice and notify:
+        notify(notice)
+    scheduler = warmup_cosine(optimizer, warmup, epochs * steps_per_epoch, cfg.min_lr_ratio)
     return Stepper(model, optimizer, scheduler, make_scaler(env.device, cfg.amp), env, cfg.accum_steps, cfg.max_bad_steps)

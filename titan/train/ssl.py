@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch.nn as nn
 from torch.utils.data import ConcatDataset
@@ -53,14 +54,15 @@ def ssl_done(r: TrainSession, inputs: dict[str, str]) -> bool:
     return True
 
 
-def ssl_model(r: TrainSession, variant: str, steps_per_epoch: int) -> tuple[SimMIM, nn.Module, optim.Stepper]:
+def ssl_model(r: TrainSession, variant: str, steps_per_epoch: int,
+              notify: Callable[[str], None] | None = None) -> tuple[SimMIM, nn.Module, optim.Stepper]:
     """(SimMIM around a fresh backbone, the same placed for the device, its stepper: AdamW, warm-up + cosine)."""
     cfg, env = r.cfg, r.env
     raw = SimMIM(build_backbone(variant, cfg.drop_path, cfg.stem), cfg.mask_patch, cfg.mask_ratio)
     raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ssl_lr, cfg.ssl_weight_decay, cfg.ssl_warmup_epochs, cfg.ssl_epochs,
-                                 steps_per_epoch, cfg, env)
+                                 steps_per_epoch, cfg, env, "SSL", notify)
     if cfg.stem == "highpass":
         keep_stem_highpass(raw.encoder, stepper.optimizer)
     return raw, model, stepper
@@ -94,7 +96,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         sampler = distributed.make_sampler(len(dataset), env, shuffle=True, seed=cfg.seed)
         loader = r.loader(dataset, cfg.batch_size, sampler)
 
-        raw, model, stepper = ssl_model(r, arch.variant, math.ceil(len(loader) / cfg.accum_steps))
+        raw, model, stepper = ssl_model(r, arch.variant, math.ceil(len(loader) / cfg.accum_steps), log.info)
         aug = build_augment("ssl").to(dev)
 
         start, loss = 0, float("nan")

