@@ -40,12 +40,11 @@ from ..runfiles import RunFiles
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
 from .resilient import ResilientPredictor, pick_device
-from .tta import parse_tta
+from .tta import resolve_tta
 
 log = logging.getLogger("titan")
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
-TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
 ROW_COLUMNS = ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision", "verdict", "status", "error"]
 FACE, NO_FACE_STATUS, OK, ERROR = "face", "no_face", "ok", "error"
 
@@ -93,10 +92,6 @@ class DetectOptions(DetectorOptions):
     uncertain_band: float = option(-1.0, "half-width of the uncertain band around the threshold, calibrated scale; "
                                          "-1 = the run's (holds its least-sure 10%% of out-of-fold faces)")
     workers: int = option(2, "decoding threads (0 = in the main thread)")
-
-
-def resolve_tta(spec: str) -> list[str]:
-    return parse_tta(TTA_PRESETS.get(spec, spec))
 
 
 # --- inputs ------------------------------------------------------------------------------------

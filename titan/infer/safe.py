@@ -24,9 +24,8 @@ from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
 from .resilient import RECROPPED, ImagesToScore, ScoringOptions, score_images
 from .submission import fill_unscored, in_id_order, raw_test_index, test_set, write_submission
-from .tta import parse_tta
+from .tta import resolve_tta
 
-TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
 
 
 class SafeInferenceError(RuntimeError):
@@ -70,10 +69,6 @@ def _recrop_by_id(raw: ImageIndex | None, size: int, margin: float, raw_dir: str
     if raw is None:
         raise FileNotFoundError(f"no originals folder {raw_dir}")
     return recrop(raw.path(image_id), size, margin)
-
-
-def resolve_tta(spec: str) -> list[str]:
-    return parse_tta(TTA_PRESETS.get(spec, spec))
 
 
 def _index_or_none(folder: str, degraded: list[str], what: str) -> ImageIndex | None:

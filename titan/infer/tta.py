@@ -37,6 +37,15 @@ def tta_view(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown TTA view {name!r}; use identity, hflip, vflip or rot±DEG")
 
 
+# The view sets scripts accept by name (safe_inference.py, detect.py, evaluate.py): "full" is training's inference.
+TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
+
+
+def resolve_tta(spec: str) -> list[str]:
+    """A preset name (``minimal``, ``full``) or a comma-separated list of views → the views."""
+    return parse_tta(TTA_PRESETS.get(spec, spec))
+
+
 def parse_tta(spec: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
