@@ -32,14 +32,14 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..config import ScriptOptions, option
+from ..config import option
 from ..data.align import prefetch
 from ..data.faces import NO_FACE, Detection, FaceDetector, face_crop
 from ..data.images import IMAGE_EXTS, ImageDecodeError, decode_image, to_chw_uint8, to_rgb_array
 from ..runfiles import RunFiles
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
-from .resilient import ResilientPredictor, pick_device
+from .resilient import EnsembleOptions, ResilientPredictor, pick_device
 from .tta import resolve_tta
 
 log = logging.getLogger("titan")
@@ -55,21 +55,13 @@ class DetectError(RuntimeError):
 
 
 @dataclass
-class DetectorOptions(ScriptOptions):
+class DetectorOptions(EnsembleOptions):
     """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py)."""
 
-    weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
-    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
     tta: str = option("full", "full (identity,hflip,rot+5,rot-5: training's inference), minimal (identity,hflip) or a list")
-    img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
-    force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size", switch=True)
     margin: float = option(0.2, "face-box margin of the square crop (align_faces.py's default)")
     min_prob: float = option(0.9, "ignore faces the detector scores below this (align_faces.py's default)")
     max_side: int = option(1024, "shrink larger images for face detection only")
-    batch_size: int = option(32, "faces per forward pass (halved on OOM)")
-    device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
-    amp: bool = option(True, "turn off CUDA autocast", flag="--no-amp", switch=False)
-    progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
 
     def detector(self, say: Callable[[str], None] = log.info, band: float | None = None) -> "Detector":
         """The run's detector as these flags describe it."""

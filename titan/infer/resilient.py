@@ -246,17 +246,23 @@ def score_batches(predictor: ResilientPredictor, loader, n: int, progress: bool 
 
 
 @dataclass
-class ScoringOptions(ScriptOptions):
-    """The flags of every script that scores test faces with a fold set."""
+class EnsembleOptions(ScriptOptions):
+    """The flags of every script that runs a training run's fold ensemble (scoring, detection)."""
 
-    weights_dir: str = option(".", "folder holding the fold weights")
-    prefix: str = option("v42", "fold file prefix: titan (V38 release) or v42 (ours)")
-    test_dir: str = option("data/faces_512/test", "test face crops")
+    weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
+    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
     img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
     force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size",
                                   switch=True)
-    batch_size: int = option(32, "images per forward pass (halved on OOM)")
+    batch_size: int = option(32, "faces per forward pass (halved on OOM)")
     device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
-    num_workers: int = option(2, "image-decoding workers")
     amp: bool = option(True, "turn off CUDA autocast", flag="--no-amp", switch=False)
     progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
+
+
+@dataclass
+class ScoringOptions(EnsembleOptions):
+    """The flags of every script that scores test face crops with a fold set."""
+
+    test_dir: str = option("data/faces_512/test", "test face crops")
+    num_workers: int = option(2, "image-decoding workers")
