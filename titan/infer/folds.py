@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..data.fingerprint import digest_lines
+from ..data.fingerprint import digest_lines, file_version
 from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
 from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
 from ..metrics import best_f1_threshold
@@ -267,7 +267,7 @@ class FoldSet:
         paths = [p for f in self.folds for p in (f.files.backbone, f.files.head, f.files.meta) if p is not None]
         if self.run is not None and self.run.metrics_json.is_file():
             paths.append(self.run.metrics_json)
-        return digest_lines(f"{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}" for p in paths)
+        return digest_lines(file_version(p) for p in paths)
 
     @property
     def models(self) -> list[FoldModel]:

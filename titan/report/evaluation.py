@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import degrade
 from ..checkpoints import atomic_json, atomic_write
-from ..data.fingerprint import changed_inputs, digest_lines
+from ..data.fingerprint import changed_inputs, digest_lines, file_version
 from ..infer.calibration import Calibration, sigmoid
 from ..infer.detect import DetectError, DetectorOptions
 from ..config import option
@@ -89,8 +89,7 @@ class LabelledSet:
                    missing, unlabelled)
 
     def digest(self) -> str:
-        return digest_lines(f"{i},{y},{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}"
-                       for i, y, p in zip(self.ids, self.labels, (self.paths[i] for i in self.ids)))
+        return digest_lines(f"{i},{y},{file_version(self.paths[i])}" for i, y in zip(self.ids, self.labels))
 
 
 # --- scoring the sweep, resumably -------------------------------------------------------------
