@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -191,7 +192,8 @@ def test_sweep_scores_every_image_at_every_point_and_lists_what_does_not_match(t
     assert set(zip(table.degradation, table.level)) == {(n, float(v)) for n, v in plan}
     clean = table[table.degradation == "clean"].iloc[0]
     assert clean.flipped == 0.0 and clean.roc_auc == pytest.approx(1.0)
-    files = write_outputs(tmp_path / "out", data, scores, cal, n_boot=50, source="test run")
+    files, written = write_outputs(tmp_path / "out", data, scores, cal, n_boot=50, source="test run")
+    assert written == json.loads((tmp_path / "out" / "metrics.json").read_text())
     text = files["report"].read_text()
     assert "nofile" in text and "stray" in text and "| jpeg | 50 |" in files["robustness_md"].read_text()
     assert all(p.is_file() for p in files.values())

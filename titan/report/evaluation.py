@@ -26,13 +26,13 @@ from . import degrade
 from ..checkpoints import atomic_json, atomic_write
 from ..data.fingerprint import changed_inputs, digest_lines, file_version
 from ..infer.calibration import Calibration, sigmoid
-from ..infer.detect import DetectError, DetectorOptions
+from ..infer.detect import DetectorOptions
 from ..config import option
 from ..data.images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from ..data.labels import read_labels
 from ..runlog import RunLog
 from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
-                       headline, reliability_bins, roc_auc)
+                       headline)
 
 log = logging.getLogger("titan")
 
@@ -247,8 +247,9 @@ def metrics_markdown(metrics: dict) -> str:
 
 
 def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: Calibration,
-                  n_boot: int = 1000, source: str = "") -> dict[str, Path]:
-    """metrics.json, robustness.{csv,md}, errors.csv, the plots and evaluation.md tying them together."""
+                  n_boot: int = 1000, source: str = "") -> tuple[dict[str, Path], dict]:
+    """metrics.json, robustness.{csv,md}, errors.csv, the plots and evaluation.md tying them
+    together → (the files, the metrics written to metrics.json)."""
     from .plots import plot_reliability, plot_robustness
 
     metrics = clean_metrics(scores, cal, n_boot=n_boot)
@@ -277,7 +278,7 @@ def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: C
         plots.append(files[f"plot_{name}"].name)
     files["report"] = atomic_write(out_dir / "evaluation.md", lambda t: Path(t).write_text(
         evaluation_markdown(metrics, table, data, plots, len(errors))))
-    return files
+    return files, metrics
 
 
 def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, plots: Sequence[str],
@@ -363,10 +364,9 @@ def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]
                              opts.max_pixels, opts.progress)
     for note in det.notes:
         say(f"degraded: {note}")
-    files = write_outputs(out, data, scores, cal, opts.bootstrap,
+    files, m = write_outputs(out, data, scores, cal, opts.bootstrap,
                           source=f"Run `{opts.weights_dir}` ({det.folds.describe()}, threshold {cal.threshold:.3f}, "
                                  f"temperature {cal.temperature:.2f}) on `{opts.data}` with labels `{opts.labels}`.")
-    m = json.loads(files["metrics"].read_text())
     r = m["run_threshold"]
     say(f"clean: F1 {r['f1']['value']:.3f} | ROC-AUC {r['roc_auc']['value']:.3f} | missed fakes "
         f"{int(r['missed_fakes']['value'])}/{m['n_fakes']} | ECE {m['calibration']['ece_raw']:.3f} → "
