@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan.data.align import AlignOptions, align_split, encode_image  # noqa: E402
+from titan.data.align import AlignOptions, align_split  # noqa: E402
+from titan.data.images import encode_image  # noqa: E402
 from titan.data.images import decode_image  # noqa: E402
 from titan.device import resolve_device  # noqa: E402
 from titan.data.faces import FaceDetector, face_crop, largest_face  # noqa: E402

@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -33,7 +32,7 @@ from ..checkpoints import atomic_json, atomic_write
 from ..config import ScriptOptions, option
 from ..costs import StageCost, TimedLoader, Work, cost_table
 from ..device import peak_memory_gib, reset_peak_memory, resolve_device
-from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
+from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image, encode_image
 from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
 from ..runlog import RunLog
 
@@ -250,15 +249,6 @@ def prefetch(fn: Callable[[Any], Any], items: list[Any], workers: int, depth: in
         finally:
             for f in ahead:
                 f.cancel()
-
-
-def encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
-    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    ok, buf = cv2.imencode(f".{fmt}", bgr, params)
-    if not ok:
-        raise OSError(f"OpenCV could not encode a {img.shape} image as {fmt}")
-    return buf.tobytes()
 
 
 def _write_crop(img: np.ndarray, det: Detection, out_path: Path, opts: AlignOptions) -> str:

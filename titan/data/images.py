@@ -1,4 +1,4 @@
-"""Images on disk: finding them by Id in a folder, and decoding any of them robustly.
+"""Images on disk: finding them by Id in a folder, decoding any of them robustly, encoding crops.
 
 Decoding never returns a silent black image: an unreadable file raises ``ImageDecodeError``
 naming it.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -156,10 +157,18 @@ def to_rgb_array(img, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def encode_image(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """(H,W,3) uint8 RGB → the bytes of a ``jpg`` (at ``quality``) or ``png`` file (OpenCV)."""
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, buf = cv2.imencode(f".{fmt}", bgr, params)
+    if not ok:
+        raise OSError(f"OpenCV could not encode a {img.shape} image as {fmt}")
+    return buf.tobytes()
+
+
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:
     """Centre-square crop (no distortion) then resize to size×size (area filter when shrinking)."""
-    import cv2
-
     h, w = img.shape[:2]
     if h != w:
         s = min(h, w)

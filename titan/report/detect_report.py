@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..checkpoints import atomic_write
-from ..data.images import to_chw_uint8
+from ..data.images import encode_image, to_chw_uint8
 from ..infer.calibration import Calibration
 from ..infer.detect import (ERROR, FACE, ROW_COLUMNS, DetectError, DetectOptions, Detector, FaceResult, InputResult,
                             expand_inputs, iter_rows)
@@ -131,20 +131,6 @@ class Explainer:
         return out
 
 
-def _png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError("OpenCV could not encode a PNG")
-    return buf.tobytes()
-
-
-def _jpeg(img: np.ndarray, quality: int = 85) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError("OpenCV could not encode a JPEG")
-    return buf.tobytes()
-
-
 class HeatmapWriter:
     """One PNG per explained face in ``folder``: ``<input path, flattened>[_frame{n}]_face{k}.png``."""
 
@@ -165,7 +151,7 @@ class HeatmapWriter:
 
     def write(self, explained: list[tuple[FaceResult, np.ndarray]]) -> None:
         for f, img in explained:
-            data = _png(img)
+            data = encode_image(img, "png")
             path = atomic_write(self.folder / self.name(f), lambda tmp, d=data: Path(tmp).write_bytes(d))
             self.written.append(path)
 
@@ -230,14 +216,14 @@ class HtmlReport:
         imgs = []
         if res.image is not None:
             what = f"frame {res.frame}" if res.kind == "video" else "input"
-            imgs.append(f'<figure><img src="{_data_uri(_jpeg(_thumbnail(res)), "image/jpeg")}" '
+            imgs.append(f'<figure><img src="{_data_uri(encode_image(_thumbnail(res), "jpg", 85), "image/jpeg")}" '
                         f'alt="{html.escape(res.path)}"><figcaption>{what}</figcaption></figure>')
         top = res.top_face
         cam = next((img for f, img in explained if f is top), None)
         if cam is not None:  # shown at 160 px whatever the model's input size
             interp = cv2.INTER_AREA if cam.shape[0] > 160 else cv2.INTER_CUBIC
             small = cv2.resize(cam, (160, 160), interpolation=interp)
-            imgs.append(f'<figure><img class="cam" src="{_data_uri(_jpeg(small, 90), "image/jpeg")}" '
+            imgs.append(f'<figure><img class="cam" src="{_data_uri(encode_image(small, "jpg", 90), "image/jpeg")}" '
                         f'alt="Grad-CAM of the most fake face"><figcaption>Grad-CAM of the most fake face</figcaption></figure>')
         if res.scored:
             c = self.calibration
