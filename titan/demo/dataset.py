@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..checkpoints import atomic_write
-from ..data.images import IMAGE_EXTS, decode_image
+from ..data.images import IMAGE_EXTS, decode_image, encode_image
 from ..runlog import RunLog
 
 ID_PREFIX = "demo_"
@@ -423,11 +423,7 @@ def post_process(img: np.ndarray, box: np.ndarray, backgrounds: Sequence[np.ndar
     out = np.clip(x + 0.5, 0, 255).astype(np.uint8)
     if prm.blur > 0:
         out = cv2.GaussianBlur(out, (0, 0), prm.blur)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(out), cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, prm.quality])
-    if not ok:  # pragma: no cover
-        raise RuntimeError("JPEG encoding failed")
-    return buf.tobytes()
+    return encode_image(np.ascontiguousarray(out), "jpg", prm.quality)
 
 
 # --- the dataset -------------------------------------------------------------------------------
