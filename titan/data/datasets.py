@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import ImageDecodeError, ImageIndex, decode_image, square_resize, to_chw_uint8
+from .images import ImageDecodeError, ImageIndex, centre_square, decode_image, square_resize, to_chw_uint8
 from .ids import check_id
 
 log = logging.getLogger("titan")
@@ -84,9 +84,8 @@ def _square_resize_chw(img: torch.Tensor, size: int) -> torch.Tensor:
     """Torch twin of ``square_resize`` for (3,H,W) uint8 on any device (area when shrinking, bicubic up)."""
     import torch.nn.functional as F
 
-    h, w = img.shape[-2:]
-    s = min(h, w)
-    img = img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    x0, y0, s = centre_square(*img.shape[-2:])
+    img = img[:, y0:y0 + s, x0:x0 + s]
     if s == size:
         return img
     mode = "area" if s > size else "bicubic"

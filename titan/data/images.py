@@ -167,12 +167,17 @@ def encode_image(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+def centre_square(h: int, w: int) -> tuple[int, int, int]:
+    """(x0, y0, side) of the largest centred square in an h×w image: the crop when no face is found."""
+    s = min(h, w)
+    return (w - s) // 2, (h - s) // 2, s
+
+
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:
     """Centre-square crop (no distortion) then resize to size×size (area filter when shrinking)."""
     h, w = img.shape[:2]
     if h != w:
-        s = min(h, w)
-        y0, x0 = (h - s) // 2, (w - s) // 2
+        x0, y0, s = centre_square(h, w)
         img = img[y0:y0 + s, x0:x0 + s]
     if img.shape[0] != size:
         interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC

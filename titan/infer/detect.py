@@ -35,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import option
 from ..data.align import prefetch
 from ..data.faces import NO_FACE, Detection, FaceDetector, face_crop
-from ..data.images import IMAGE_EXTS, ImageDecodeError, decode_image, to_chw_uint8, to_rgb_array
+from ..data.images import IMAGE_EXTS, ImageDecodeError, centre_square, decode_image, to_chw_uint8, to_rgb_array
 from ..runfiles import RunFiles
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
@@ -293,9 +293,8 @@ def error_result(path: str, kind: str, reason: str) -> InputResult:
 
 
 def _centre_box(img: np.ndarray) -> tuple[float, float, float, float]:
-    h, w = img.shape[:2]
-    s = min(h, w)
-    x0, y0 = (w - s) // 2, (h - s) // 2
+    """The box of the centre square that stands in for a face (``square_resize``'s crop)."""
+    x0, y0, s = centre_square(*img.shape[:2])
     return float(x0), float(y0), float(x0 + s), float(y0 + s)
 
 
