@@ -115,17 +115,13 @@ def recipe_estimate(s: dict, say=print) -> dict:
 
 def flops_per_image(variant: str = "v42", size: int = 512) -> float:
     """Forward + backward FLOPs of one fine-tuning image (counted on the CPU, batch 1)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from titan.models.classifier import Classifier
     from titan.models.convnextv2 import build_backbone
     from titan.models.heads import build_head
 
     b = build_backbone(variant)
     m = Classifier(b, build_head("linear", b.num_features))
-    with FlopCounterMode(display=False) as fc:
-        m(torch.rand(1, 3, size, size), torch.ones(1))[1].backward()
-    return float(fc.get_total_flops())
+    return train_bench.step_flops(lambda: m(torch.rand(1, 3, size, size), torch.ones(1))[1].backward())
 
 
 def feeding(device: torch.device, data: dict, recipe: dict) -> dict:

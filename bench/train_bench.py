@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan.device import (amp_dtype, autocast, compile_model, graph_breaks, make_scaler, to_float_image,  # noqa: E402
+from titan.device import (amp_dtype, autocast, compile_model, graph_breaks, make_scaler, synchronize, to_float_image,  # noqa: E402
                           use_channels_last)
 from titan.train import distributed, optim  # noqa: E402
 from titan.models.convnextv2 import build_backbone  # noqa: E402
@@ -58,9 +58,13 @@ def gpu_peak(device: torch.device, amp: bool) -> float | None:
     return None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def step_flops(step) -> float:
+    """Forward + backward FLOPs of one call of ``step`` (torch.utils.flop_counter; run eagerly)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return float(fc.get_total_flops())
 
 
 def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
@@ -88,21 +92,20 @@ def bench_one(variant: str, size: int, mode: str, amp: bool, batch: int, steps: 
     t0 = time.perf_counter()
     for _ in range(warmup):  # includes compilation for mode=compile
         step()
-    sync(device)
+    synchronize(device)
     warm_s = time.perf_counter() - t0
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step
+    def one_step() -> None:
         with autocast(device, amp):
             _, loss = raw(x, y)
         loss.backward()
+
+    flops = step_flops(one_step)
     opt.zero_grad(set_to_none=True)
-    flops = fc.get_total_flops()
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync(device)
+    synchronize(device)
     dt = time.perf_counter() - t0
     tflops = flops * steps / dt / 1e12
     peak = gpu_peak(device, amp)
@@ -157,21 +160,17 @@ def prepared(way: str, variant: str, size: int, batch: int, warmup: int, device:
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    sync(device)
+    synchronize(device)
     warm_s = time.perf_counter() - t0
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        eager_step()
-    return {"step": step, "warmup_s": warm_s, "flops": fc.get_total_flops()}
+    return {"step": step, "warmup_s": warm_s, "flops": step_flops(eager_step)}
 
 
 def timed(p: dict, steps: int, device: torch.device) -> float:
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         p["step"]()
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
