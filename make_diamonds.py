@@ -8,7 +8,7 @@ Inputs:  fold weights titan_backbone_fold[0-4].pth + titan_head_fold[0-4].pth in
          test faces data/faces_512/test, originals data/dataset/train_solution.csv.
 Outputs: train_diamond.csv (Id,target_feature,is_pseudo: original rows, then the diamonds),
          beside it train_diamond_scores.csv (Id,prob for every test face),
-         train_diamond_hist.png and train_diamond_log.txt.
+         train_diamond_hist.png and train_diamond_log.txt/.jsonl.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from titan.config import parse_config
 from titan.data.labels import LabelCSVError
 from titan.errors import run_command
 from titan.infer.diamonds import DiamondConfig, DiamondError, make_diamonds
+from titan.runfiles import log_files
 from titan.runlog import RunLog
 
 
@@ -29,7 +30,7 @@ def parse_args(argv=None) -> DiamondConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     out = Path(cfg.out)
-    return run_command("make_diamonds.py", lambda: make_diamonds(cfg, RunLog(out.with_name(out.stem + "_log.txt"))),
+    return run_command("make_diamonds.py", lambda: make_diamonds(cfg, RunLog(*log_files(out.parent, out.stem))),
                        (DiamondError, LabelCSVError), cfg.debug)
 
 

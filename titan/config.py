@@ -12,13 +12,15 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
+from .runfiles import DIAMOND_CSV, FACES_DIR, TEST_IMAGES, TRAIN_CSV
+
 
 @dataclass
 class TrainConfig:
     # data (README layout)
-    faces_dir: str = "data/faces_512"
-    train_csv: str = "train_diamond.csv"
-    fallback_csv: str = "data/dataset/train_solution.csv"
+    faces_dir: str = FACES_DIR
+    train_csv: str = DIAMOND_CSV
+    fallback_csv: str = TRAIN_CSV
     out_dir: str = "."
     skip_missing: bool = False
     # model. ``arch`` picks the architecture (titan.archs): "" follows ``variant`` (= titan-<variant>,
@@ -71,7 +73,7 @@ class TrainConfig:
     threads: int = 0               # CPU intra-op threads (0 = torch's default)
     init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
     force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
-    raw_test_dir: str = "data/dataset/test_images"  # the test set: its images (else the test face crops) get a row each
+    raw_test_dir: str = TEST_IMAGES  # the test set: its images (else the test face crops) get a row each
     auto_batch: bool = False       # --batch-size auto: probe the device for the largest batch, keep batch × accum_steps
     head_lr_mult: float = 1.0      # fine-tuning: the head's LR = ft_lr × this (SSL unaffected)
     sbi_p: float = 0.0             # share of each batch's real faces made self-blended fakes on the fly (titan.data.sbi); 0 = off

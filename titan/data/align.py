@@ -34,6 +34,7 @@ from ..costs import StageCost, TimedLoader, Work, cost_table
 from ..device import peak_memory_gib, reset_peak_memory, resolve_device
 from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image, encode_image
 from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
+from ..runfiles import DATASET_DIR, FACES_DIR, log_files
 from ..runlog import RunLog
 
 try:  # POSIX: shards of one folder append to the same manifest
@@ -52,8 +53,8 @@ DONE = ("face", "fallback")
 class AlignOptions(ScriptOptions):
     """align_faces.py's flags."""
 
-    input: str = option("data/dataset", "dataset folder holding {split}_images/")
-    output: str = option("data/faces_512", "writes {split}/ under it")
+    input: str = option(DATASET_DIR, "dataset folder holding {split}_images/")
+    output: str = option(FACES_DIR, "writes {split}/ under it")
     splits: str = option("train,test", "comma-separated splits")
     size: int = option(512, "output side in pixels")
     margin: float = option(0.2, "crop side = larger box side × (1 + 2·margin)")
@@ -412,7 +413,7 @@ def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummar
     """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
     sources = check_options(opts)
     out_root = Path(opts.output)
-    log = log or RunLog(out_root / "align_faces_log.txt", out_root / "align_faces_log.jsonl")
+    log = log or RunLog(*log_files(out_root, "align_faces"))
     device = resolve_device(opts.device)
     detector = FaceDetector(device, opts.batch_size or None, max_side=opts.max_side, min_prob=opts.min_prob)
     log.info(f"align_faces: device {device}, detection batch {detector.batch_size}, {opts.workers} loader workers, "
@@ -470,7 +471,7 @@ def estimate_align(opts: AlignOptions) -> list[StageCost]:
     temporary folder that is removed)."""
     sources = check_options(opts)
     out_root = Path(opts.output)
-    log = RunLog(out_root / "align_estimate_log.txt", out_root / "align_estimate_log.jsonl")
+    log = RunLog(*log_files(out_root, "align_estimate"))
     device = resolve_device(opts.device)
     detector = FaceDetector(device, opts.batch_size or None, max_side=opts.max_side, min_prob=opts.min_prob)
     log.info(f"align_faces --estimate: device {device}, detection batch {detector.batch_size}, {opts.workers} loader "

@@ -36,7 +36,7 @@ from ..config import option
 from ..data.align import prefetch
 from ..data.faces import NO_FACE, Detection, FaceDetector, face_crop
 from ..data.images import IMAGE_EXTS, ImageDecodeError, centre_square, decode_image, to_chw_uint8, to_rgb_array
-from ..runfiles import RunFiles
+from ..runfiles import DEFAULT_PREFIX, TEST_IMAGES, RunFiles
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
 from .resilient import EnsembleOptions, ResilientPredictor, pick_device
@@ -76,7 +76,7 @@ class DetectOptions(DetectorOptions):
     """detect.py's flags."""
 
     inputs: list[str] = option(help="images, folders (recursive), globs and videos (mp4, mov, avi, mkv, webm)",
-                               positional=True, default_factory=lambda: ["data/dataset/test_images"])
+                               positional=True, default_factory=lambda: [TEST_IMAGES])
     out: str = option("", "per-face and per-input rows: .csv or .jsonl (by extension); empty = the terminal table only")
     html: str = option("", "one self-contained HTML page (images embedded, no links): thumbnails, verdicts, bars, heatmaps")
     heatmaps: str = option("", "folder for Grad-CAM overlays: one PNG per face (videos: the most suspicious frame's)")
@@ -318,7 +318,7 @@ class Detector:
                                             self.views, max(1, batch_size), amp, self.notes)
 
     @classmethod
-    def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = "v42", *, tta: str = "full",
+    def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX, *, tta: str = "full",
                  img_size: int = 0, force_img_size: bool = False, band: float | None = None,
                  say: Callable[[str], None] = log.info, **kwargs) -> "Detector":
         """The folds of a run folder (any that load; the others are named), at their input size,

@@ -17,7 +17,7 @@ from ..checkpoints import CheckpointError, atomic_write
 from ..config import option
 from ..data.images import ImageIndex
 from ..data.labels import read_labels
-from ..runfiles import RunFiles
+from ..runfiles import DIAMOND_CSV, TRAIN_CSV, RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files, pair_globs
 from .resilient import FAILED, ImagesToScore, ScoringOptions, score_images
@@ -37,8 +37,8 @@ class DiamondConfig(ScoringOptions):
     heads: str = option("", "glob of head files (with --backbones)")
     variant: str = option("", "backbone variant; empty = read from the weights")
     head: str = option("", "head type; empty = read from the weights", choices=("", "linear", "arcface"))
-    train_csv: str = option("data/dataset/train_solution.csv", "original labelled rows (Id,target_feature)")
-    out: str = option("train_diamond.csv", "output CSV")
+    train_csv: str = option(TRAIN_CSV, "original labelled rows (Id,target_feature)")
+    out: str = option(DIAMOND_CSV, "output CSV")
     hi: float = option(0.995, "P(fake) above this → fake diamond")
     lo: float = option(0.005, "P(fake) below this → real diamond")
     tta: str = option("identity,hflip", "TTA views: identity,hflip,vflip,rot+5,rot-5")

@@ -42,7 +42,7 @@ from ..models.archs import build_arch_backbone, parse_arch
 from ..models.classifier import FoldModel
 from ..models.convnextv2 import build_backbone, variant_of
 from ..models.heads import build_head, head_of
-from ..runfiles import RunFiles, fold_number
+from ..runfiles import DEFAULT_PREFIX, RunFiles, fold_number
 
 DEFAULT_IMG_SIZE = 512
 log = logging.getLogger("titan")
@@ -66,7 +66,7 @@ class FoldFiles:
         return f"fold{k}" if k is not None else self.backbone.stem
 
 
-def find_fold_files(folder: str | os.PathLike, prefix: str = "v42") -> list[FoldFiles]:
+def find_fold_files(folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX) -> list[FoldFiles]:
     """Every ``{prefix}_backbone_fold{k}.pth`` in ``folder`` (ascending k), with its head and meta
     when present; a backbone without a head is kept (head None) so callers can name it."""
     files = RunFiles(Path(folder), prefix)
@@ -223,7 +223,7 @@ class FoldSet:
         return fs
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, prefix: str = "v42", strict: bool = True,
+    def from_folder(cls, folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX, strict: bool = True,
                     variant: str | None = None, head: str | None = None, n_folds: int | None = None) -> "FoldSet":
         """The folds of a run folder; ``n_folds`` keeps folds 0..n_folds-1 (extra files are skipped, named)."""
         files = find_fold_files(folder, prefix)

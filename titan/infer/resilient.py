@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ScriptOptions, option
+from ..runfiles import DEFAULT_PREFIX, TEST_FACES
 from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
 from .folds import Fold
 from .tta import ensemble_probability, predict_batches
@@ -250,7 +251,7 @@ class EnsembleOptions(ScriptOptions):
     """The flags of every script that runs a training run's fold ensemble (scoring, detection)."""
 
     weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
-    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
+    prefix: str = option(DEFAULT_PREFIX, "fold file prefix: v42 (ours) or titan (V38 release)")
     img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
     force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size",
                                   switch=True)
@@ -264,5 +265,5 @@ class EnsembleOptions(ScriptOptions):
 class ScoringOptions(EnsembleOptions):
     """The flags of every script that scores test face crops with a fold set."""
 
-    test_dir: str = option("data/faces_512/test", "test face crops")
+    test_dir: str = option(TEST_FACES, "test face crops")
     num_workers: int = option(2, "image-decoding workers")

@@ -19,7 +19,7 @@ from ..checkpoints import atomic_write
 from ..config import option
 from ..data.faces import crop_face
 from ..data.images import ImageIndex, decode_image
-from ..runfiles import RunFiles
+from ..runfiles import TEST_IMAGES, RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
 from .resilient import RECROPPED, ImagesToScore, ScoringOptions, score_images
@@ -36,7 +36,7 @@ class SafeInferenceError(RuntimeError):
 class SafeConfig(ScoringOptions):
     """safe_inference.py's flags (the scoring flags, then its own)."""
 
-    raw_test_dir: str = option("data/dataset/test_images", "original test images, re-cropped when a face crop fails")
+    raw_test_dir: str = option(TEST_IMAGES, "original test images, re-cropped when a face crop fails")
     out: str = option("submission_v42.csv", "submission CSV")
     issues: str = option("", "issues CSV; empty = safe_inference_issues.csv beside --out")
     tta: str = option("minimal", "minimal (identity,hflip), full (identity,hflip,rot+5,rot-5) or a list")

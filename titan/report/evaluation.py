@@ -30,6 +30,7 @@ from ..infer.detect import DetectorOptions
 from ..config import option
 from ..data.images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from ..data.labels import read_labels
+from ..runfiles import TEST_IMAGES, log_files
 from ..runlog import RunLog
 from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
                        headline)
@@ -317,7 +318,7 @@ def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, p
 class EvalOptions(DetectorOptions):
     """evaluate.py's flags (the detector's, then its own)."""
 
-    data: str = option("data/dataset/test_images", "folder of the labelled photos (raw or already cropped)")
+    data: str = option(TEST_IMAGES, "folder of the labelled photos (raw or already cropped)")
     labels: str = option("test_labels.csv", "their labels: Id,target_feature (1 = fake)")
     out: str = option("evaluation", "folder for metrics.json, the tables, plots, scores.csv and evaluation.md")
     degradations: list[str] = option(help="degradations to sweep (comma-separated): " + ",".join(degrade.DEGRADATIONS),
@@ -347,7 +348,7 @@ def detector_scorer(detector) -> Scorer:
 def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]:
     """Score the labelled set clean and degraded with the run in ``opts.weights_dir``; write the report."""
     out = Path(opts.out)
-    run_log = log_to or RunLog(out / "evaluate_log.txt", out / "evaluate_log.jsonl")
+    run_log = log_to or RunLog(*log_files(out, "evaluate"))
     say = run_log.info
     data = LabelledSet.load(opts.data, opts.labels)
     say(f"{len(data.ids)} labelled images in {opts.data} ({int(data.labels.sum())} fakes); "

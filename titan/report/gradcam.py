@@ -25,7 +25,7 @@ from ..data.ids import check_id
 from ..infer.folds import FoldSet, find_fold_files
 from ..models.classifier import FoldModel
 from ..device import resolve_device
-from ..runfiles import RunFiles
+from ..runfiles import DEFAULT_PREFIX, TEST_FACES, RunFiles
 from .logparse import read_prob_csv
 
 log = logging.getLogger("titan")
@@ -107,8 +107,8 @@ def _short(image_id: str, width: int = 18) -> str:
     return image_id if len(image_id) <= width else image_id[: width - 1] + "…"
 
 
-def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.PathLike = ".", prefix: str = "v42",
-                    test_dir: str | os.PathLike = "data/faces_512/test", img_size: int | None = None,
+def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX,
+                    test_dir: str | os.PathLike = TEST_FACES, img_size: int | None = None,
                     device: str = "cpu", force_img_size: bool = False, batch_size: int = 4) -> Path:
     """Grad-CAM gallery of ``n`` test faces picked from ``predictions_{prefix}.csv`` → PNG path.
 

@@ -163,7 +163,7 @@ def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
     """The meta of a finished fold (its files and OOF rows all written) made from ``inputs``, else
     None; a fold made from other labels or images is retrained (logged)."""
     meta_path = r.files.fold("meta", k)
-    files = [r.files.fold("backbone", k), r.files.fold("head", k), r.ckpt / f"oof_fold{k}.csv"]
+    files = [r.files.fold("backbone", k), r.files.fold("head", k), r.files.fold_oof(k, r.ckpt)]
     if not meta_path.is_file() or not all(p.is_file() for p in files):
         return None
     meta = load_file(meta_path)
@@ -330,7 +330,7 @@ def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> No
         save_checkpoint(part_sd, r.files.fold(part, k), **ident, metrics={kk: float(v) for kk, v in m.items()},
                         config=dataclasses.asdict(cfg))
     oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
-    atomic_write(r.ckpt / f"oof_fold{k}.csv", lambda tmp: oof.to_csv(tmp, index=False))
+    atomic_write(r.files.fold_oof(k, r.ckpt), lambda tmp: oof.to_csv(tmp, index=False))
     save_atomic({"th": float(m["threshold"]), "f1": float(m["f1"]), "auc": float(m["roc_auc"]), "ap": float(m["ap"]),
                  **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "inputs": inputs, "complete": True},
                 r.files.fold("meta", k))
@@ -341,7 +341,7 @@ def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -
     parts, folds = [], []
     for k in range(r.cfg.n_folds):
         meta = fold_done(r, k, inputs)
-        parts.append(pd.read_csv(r.ckpt / f"oof_fold{k}.csv", dtype={"Id": str}))
+        parts.append(pd.read_csv(r.files.fold_oof(k, r.ckpt), dtype={"Id": str}))
         folds.append({"fold": k, "best_epoch": int(meta["epoch"]), "f1": meta["f1"], "th": meta["th"],
                       "auc": meta["auc"], "ap": meta["ap"]})
     real = df[~df.is_pseudo][["Id", "target_feature"]]
