@@ -89,7 +89,9 @@ class Stage:
 
 
 def _flags(flags: dict) -> list[str]:
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    """``--k v``; a boolean is a switch (``--k`` / ``--no-k``), the one convention of every script."""
+    return [x for k, v in flags.items()
+            for x in (((f"--{k}" if v else f"--no-{k}"),) if isinstance(v, bool) else (f"--{k}", str(v)))]
 
 
 def demo_stages(quick: bool = False, final: str | None = None, self_train: bool = SELF_TRAIN) -> list[Stage]:

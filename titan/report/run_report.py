@@ -119,8 +119,8 @@ class ReportOptions(ScriptOptions):
     weights_dir: str = option(".", "fold weights and predictions_{prefix}.csv for --explain")
     test_dir: str = option(TEST_FACES, "test face crops for --explain")
     img_size: int = option(0, "--explain input size (0: the folds' own, from their metadata)")
-    force_img_size: bool = option(False, "--explain at --img-size even when the folds were trained at another size",
-                                  switch=True)
+    force_preprocessing: bool = option(False, "--explain at --img-size even when the folds were trained at another size",
+                                       aliases=("--force-img-size",))
     device: str = option("cpu", "--explain device (cpu, cuda, auto)")
 
 
@@ -139,7 +139,7 @@ def make_report(opts: ReportOptions) -> dict[str, Path]:
         from .gradcam import explain_gallery
 
         figures["gradcam.png"] = explain_gallery(Path(out_dir) / "gradcam.png", opts.explain, opts.weights_dir, prefix,
-                                                 opts.test_dir, opts.img_size, opts.device, opts.force_img_size)
+                                                 opts.test_dir, opts.img_size, opts.device, opts.force_preprocessing)
         log.info("wrote %s", figures["gradcam.png"])
     figures["report.md"] = write_report(runs, [n for n in figures], out_dir)
     log.info("wrote %s", figures["report.md"])
