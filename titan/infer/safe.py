@@ -118,7 +118,7 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
         raise SafeInferenceError(f"no fold could score the test images: {type(e).__name__}: {e}") from e
     scores = scored.scores
     degraded += scores.notes
-    th, th_note = scored.threshold, scored.threshold_note
+    th, th_note = scored.calibration.threshold, scored.threshold_note
     if th_note.startswith("0.5"):
         degraded.append(f"threshold: {th_note}")
     say(f"threshold {th:.4f} ({th_note})")

@@ -42,17 +42,13 @@ class ScoredSet:
     def ids(self) -> list[str]:
         return self.scores.ids
 
-    @property
-    def threshold(self) -> float:
-        return self.calibration.threshold
-
     def fold_probabilities(self) -> dict[str, np.ndarray]:
         """Each voting fold's own P(fake) per image."""
         return {n: probability(lg) for n, lg in zip(self.scores.fold_names, self.scores.logits)}
 
     def filled(self) -> Filled:
         """0/1 decisions for every image: the threshold rule where scored, the prior decision elsewhere."""
-        return fill_unscored(self.ids, self.prob, self.threshold, self.scores.failure_reasons())
+        return fill_unscored(self.ids, self.prob, self.calibration.threshold, self.scores.failure_reasons())
 
 
 def score_fold_set(fs: FoldSet, prep: Preprocessing, ids: Sequence[str], faces: ImageIndex | None, *,

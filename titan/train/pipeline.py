@@ -130,7 +130,7 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
         scored = score_fold_set(fs, prep, ids, crops, batch_size=cfg.infer_batch_size, device=str(env.device),
                                 amp=cfg.amp, num_workers=cfg.num_workers, progress=env.is_main,
                                 share=(mine, partial(gather_scores, env)), say=log.info)
-        th = scored.threshold
+        th = scored.calibration.threshold
         log.info(f"threshold {th:.4f} ({scored.threshold_note})")
         prob, filled = scored.prob, scored.filled()
         if env.is_main:
