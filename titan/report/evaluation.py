@@ -265,8 +265,9 @@ def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: C
                                           lambda t: Path(t).write_text(markdown_table(table) + "\n"))
     clean = scores[(scores.degradation == "clean") & (scores.status == "ok")]
     y, logit = clean.target_feature.to_numpy(int), clean.logit.to_numpy(float)
+    p_raw, p_cal = cal.probabilities(logit)
     files["reliability"] = plot_reliability(
-        y, {"raw": sigmoid(logit), f"temperature {cal.temperature:.2f}": sigmoid(logit / cal.temperature)},
+        y, {"raw": p_raw, f"temperature {cal.temperature:.2f}": p_cal},
         out_dir / "reliability.png")
     clean_row = table[table.degradation == "clean"].iloc[0].to_dict()
     plots = []

@@ -245,7 +245,8 @@ def plot_f1_threshold(runs: Sequence[RunRecord], path: str | os.PathLike) -> Pat
         # F1 is constant between distinct scores: a step that holds each value up to the next score.
         ax.step(np.r_[0.0, ths, 1.0], np.r_[f1[0], f1, 0.0], where="pre", color=color, lw=2, label=run.name)
         th, kind = run.decision_threshold()
-        f1_at = f1[np.searchsorted(ths, th, side="left")] if th <= ths[-1] else 0.0
+        at = int(np.searchsorted(ths, th, side="left"))  # past the last candidate: nothing flagged, F1 0
+        f1_at = f1[at] if at < len(ths) else 0.0
         ax.axvline(th, color=color, ls="--", lw=1.2)
         ax.plot([th], [f1_at], "o", color=color, markeredgecolor="black", markersize=8,
                 label=f"threshold {th:.3f} ({kind}) → F1 {f1_at:.4f}")
