@@ -8,7 +8,7 @@ Inputs:  fold weights v42_backbone_fold{k}.pth + v42_head_fold{k}.pth (+ v42_met
          data/dataset/test_images (re-cropped when a face crop is missing or unreadable).
 Outputs: submission_v42.csv (Id,target_feature; every test Id once, in Id order),
          safe_inference_issues.csv (rows re-cropped or given the prior decision, and why),
-         safe_inference_log.txt. The last log line says what was degraded.
+         safe_inference_log.txt/.jsonl. The last log line says what was degraded.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from titan.config import parse_config
 from titan.errors import run_command
 from titan.infer.safe import SafeConfig, SafeInferenceError, safe_inference
+from titan.runfiles import log_files
 from titan.runlog import RunLog
 
 
@@ -28,7 +29,7 @@ def parse_args(argv=None) -> SafeConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     return run_command("safe_inference.py",
-                       lambda: safe_inference(cfg, RunLog(Path(cfg.out).with_name("safe_inference_log.txt"))),
+                       lambda: safe_inference(cfg, RunLog(*log_files(Path(cfg.out).parent, "safe_inference"))),
                        (SafeInferenceError,), cfg.debug)
 
 

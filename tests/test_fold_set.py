@@ -52,7 +52,7 @@ def test_safe_and_training_inference_use_the_same_threshold_and_id_order(tmp_pat
     preds = pd.read_csv(root / "predictions_v42.csv", dtype={"Id": str})
     summary = safe_inference(SafeConfig(weights_dir=str(root), test_dir=str(root / "faces" / "test"),
                                         raw_test_dir=str(tmp_path / "none"), out=str(tmp_path / "safe.csv"),
-                                        device="cpu", num_workers=0, progress=False))
+                                        device="cpu", num_workers=0, progress=False, tta="minimal"))
     safe = pd.read_csv(tmp_path / "safe.csv", dtype={"Id": str})
 
     assert main.Id.tolist() == safe.Id.tolist() == preds.Id.tolist() == id_order(ids)
@@ -82,15 +82,24 @@ def test_infer_stage_refuses_an_image_size_the_folds_were_not_trained_at(tmp_pat
     rc = train_v42_diamond.main(["--stages", "infer", "--preset", "tiny", "--img-size", "384", "--n-folds", "2",
                                  "--out-dir", str(root), "--faces-dir", str(root / "faces"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 2 and "384" in err and "512" in err and "--force-img-size" in err
+    assert rc == 2 and "384" in err and "512" in err and "--force-preprocessing" in err
     assert not (root / "submission_v42.csv").exists()
 
 
-def test_forced_image_size_runs_and_is_logged(tmp_path):
-    root = make_run(tmp_path / "run", ["1", "2"])
-    run_infer(infer_cfg(root, img_size=2 * SIZE, force_img_size=True))
-    assert "--force-img-size: running folds trained at 32 px at 64 px" in (root / "training_v42_log.txt").read_text()
-    assert len(pd.read_csv(root / "submission_v42.csv")) == 2
+def test_forcing_an_image_size_scores_at_that_size_and_logs_it(tmp_path):
+    root = make_run(tmp_path / "run", [str(i) for i in range(1, 7)])
+    run_infer(infer_cfg(root))
+    native = pd.read_csv(root / "predictions_v42.csv", dtype={"Id": str})
+    # the CLI spelling of old (--force-img-size) is an alias of --force-preprocessing
+    assert train_v42_diamond.main(["--stages", "infer", "--preset", "tiny", "--img-size", str(2 * SIZE), "--force-img-size",
+                                   "--n-folds", "2", "--out-dir", str(root), "--faces-dir", str(root / "faces"),
+                                   "--device", "cpu"]) == 0
+    forced = pd.read_csv(root / "predictions_v42.csv", dtype={"Id": str})
+    log = (root / "training_v42_log.txt").read_text()
+    assert f"--force-preprocessing: img_size {2 * SIZE} instead of the {SIZE}" in log
+    assert f"× TTA ['identity', 'hflip'] at {2 * SIZE} px" in log
+    assert native.Id.tolist() == forced.Id.tolist()
+    assert not np.allclose(native.prob, forced.prob), "the forced size must change what the folds see"
 
 
 def mixed_sizes(tmp_path: Path) -> Path:

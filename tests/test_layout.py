@@ -97,3 +97,48 @@ def test_misleading_and_dead_names_are_gone():
         assert not any(name in text for text in sources().values()), name
     for old in ("scoring.py", "fallback.py", "engine.py", "ensemble.py", "foldset.py", "pipeline.py"):
         assert not (TITAN / old).exists(), old
+
+
+THRESHOLD_NAMES = {"th", "thr", "threshold"}
+
+
+def _sigma_and_threshold_uses(text: str, path: str) -> list[str]:
+    """Every place in ``text`` that computes σ in numpy/math (or torch outside the models), imports
+    calibration's sigmoid, or compares a value with a threshold."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        where = f"{path}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            last = name.split(".")[-1]
+            negated = bool(node.args) and isinstance(node.args[0], ast.UnaryOp) and isinstance(node.args[0].op, ast.USub)
+            if (last == "exp" and negated) or last in ("expit", "logaddexp") or \
+                    (last == "sigmoid" and not path.startswith("titan/models/")):
+                found.append(f"{where} {name}(…)")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("calibration"):
+            if any(a.name == "sigmoid" for a in node.names):
+                found.append(f"{where} imports calibration.sigmoid")
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.GtE, ast.Gt, ast.Lt, ast.LtE)) for op in node.ops):
+            sides = [node.left, *node.comparators]
+            names = {(s.attr if isinstance(s, ast.Attribute) else s.id if isinstance(s, ast.Name) else "") for s in sides}
+            if names & THRESHOLD_NAMES:
+                found.append(f"{where} {ast.unparse(node)}")
+    return found
+
+
+def test_only_calibration_turns_logits_into_probabilities_and_decisions():
+    """One σ and one threshold rule (titan/infer/calibration.py): no numpy sigmoid (exp(−x), 1/(1+exp(−x)),
+    expit, logaddexp), no torch sigmoid outside the models (CBAM's gates are not probabilities), and no
+    ``p >= threshold`` anywhere else."""
+    found = [hit for f, text in sources("titan/infer/calibration.py").items() for hit in _sigma_and_threshold_uses(text, f)]
+    assert not found, f"σ or the threshold rule outside titan/infer/calibration.py: {found}"
+    own = _sigma_and_threshold_uses((TITAN / "infer" / "calibration.py").read_text(), "titan/infer/calibration.py")
+    assert sum(h.endswith(" np.exp(…)") for h in own) == 1, f"calibration.py holds one numpy σ: {own}"
+
+
+def test_the_sigma_guard_catches_what_it_forbids():
+    for bad in ("p = 1.0 / (1.0 + np.exp(-z))", "from scipy.special import expit\np = expit(z)",
+                "from .calibration import sigmoid", "y = prob >= threshold", "y = p >= self.threshold",
+                "p = np.exp(-np.logaddexp(0.0, -z))", "p = torch.sigmoid(z)"):
+        assert _sigma_and_threshold_uses(bad, "titan/infer/x.py"), bad
+    assert not _sigma_and_threshold_uses("g = torch.sigmoid(self.fc(x))", "titan/models/cbam.py")

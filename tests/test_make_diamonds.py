@@ -8,7 +8,8 @@ import make_diamonds
 from fold_fixtures import SIZE, copy_files, grey_logit, grey_prob, v38_dir, write_images, write_v42_folds  # noqa: F401 (fixture)
 from titan import build_backbone, build_head
 from titan.models.classifier import FoldModel
-from titan.infer.tta import ensemble_probability, tta_logits
+from titan.infer.calibration import ensemble_probability
+from titan.infer.tta import tta_logits
 from titan.infer.diamonds import DiamondConfig, DiamondError, make_diamonds as run, select_diamonds
 from titan.runlog import RunLog
 
@@ -68,7 +69,7 @@ def test_no_args_v38_arcface_folds_select_by_rule_and_keep_originals_first(v38_d
     log = (tmp_path / "train_diamond_log.txt").read_text()
     assert "loaded 2 fold(s)" in log and "[fold0, fold1] of titan-atto/arcface" in log
     assert "2 fake (p > 0.995) + 2 real (p < 0.005) = 4 of 7 test faces (57.1%)" in log
-    assert "0.95-1.00" in log and "512 (no img_size" in log  # V38 files carry no metadata
+    assert "0.95-1.00" in log and "record no preprocessing" in log and "img_size 512" in log  # V38: no metadata
 
 
 def test_unreadable_test_face_is_logged_and_never_a_diamond(v38_dir, tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ import titan.infer.resilient
 from fold_fixtures import SIZE, copy_files, write_images, write_v42_folds
 from titan.data.images import square_resize
 from titan.models.classifier import FoldModel
-from titan.infer.tta import ensemble_probability, tta_logits
+from titan.infer.calibration import ensemble_probability
+from titan.infer.record import Preprocessing
+from titan.infer.tta import resolve_tta, tta_logits
 from titan.infer.safe import SafeConfig, SafeInferenceError, recrop, safe_inference as run
 from titan.infer.submission import prior_decision
 
@@ -71,7 +73,7 @@ def test_full_submission_despite_corrupt_crop_missing_crop_and_garbage_fold(fold
 
     sub = pd.read_csv(tmp_path / "submission_v42.csv", dtype={"Id": str})
     assert list(sub.columns) == ["Id", "target_feature"] and sub.Id.tolist() == sorted(GREYS)
-    exp = expected_labels(prepared)
+    exp = expected_labels(prepared, views=resolve_tta("full"))  # folds with no record: the default views
     scored = [i for i in GREYS if i != "s_e"]
     assert {i: int(y) for i, y in zip(sub.Id, sub.target_feature) if i in scored} == {i: exp[i] for i in scored}
     # s_e could not be read at all: the majority of the other five decisions.
@@ -175,10 +177,10 @@ def test_recrop_is_align_faces_crop_of_the_original(tmp_path):
     assert det.box is not None  # a real face: the re-crop must be the face crop, not the centre
     expected, status = face_crop(canvas, det, 32, 0.2)
     assert status == "face"
-    assert np.array_equal(recrop(tmp_path / "o.png", 32, margin=0.2), expected)
+    assert np.array_equal(recrop(tmp_path / "o.png", Preprocessing(img_size=32, margin=0.2)), expected)
     noise = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "n.png")
-    assert np.array_equal(recrop(tmp_path / "n.png", 16), square_resize(noise, 16))
+    assert np.array_equal(recrop(tmp_path / "n.png", Preprocessing(img_size=16)), square_resize(noise, 16))
 
 
 def test_help_lists_every_flag_with_default(capsys):
@@ -188,7 +190,7 @@ def test_help_lists_every_flag_with_default(capsys):
     for flag in ("--weights-dir", "--prefix", "--test-dir", "--raw-test-dir", "--out", "--img-size",
                  "--batch-size", "--device", "--tta", "--margin"):
         assert flag in text
-    assert "default: minimal" in text and "default: v42" in text
+    assert "empty = the folds' record" in text and "default: v42" in text
 
 
 def test_cuda_dying_mid_run_finishes_on_cpu_copies():

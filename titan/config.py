@@ -12,13 +12,15 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
+from .runfiles import DIAMOND_CSV, FACES_DIR, TEST_IMAGES, TRAIN_CSV
+
 
 @dataclass
 class TrainConfig:
     # data (README layout)
-    faces_dir: str = "data/faces_512"
-    train_csv: str = "train_diamond.csv"
-    fallback_csv: str = "data/dataset/train_solution.csv"
+    faces_dir: str = FACES_DIR
+    train_csv: str = DIAMOND_CSV
+    fallback_csv: str = TRAIN_CSV
     out_dir: str = "."
     skip_missing: bool = False
     # model. ``arch`` picks the architecture (titan.archs): "" follows ``variant`` (= titan-<variant>,
@@ -70,8 +72,9 @@ class TrainConfig:
     keep_checkpoints: int = 2      # newest epoch states kept per stage/fold
     threads: int = 0               # CPU intra-op threads (0 = torch's default)
     init_weights: str = ""         # local ImageNet checkpoint for the baselines ("" = scratch); for titan archs, used in place of the SSL weights
-    force_img_size: bool = False   # --stages infer: run the folds at img_size even when they were trained at another size
-    raw_test_dir: str = "data/dataset/test_images"  # the test set: its images (else the test face crops) get a row each
+    # --stages infer: apply img_size (and the test crops' settings) even where the folds recorded others
+    force_preprocessing: bool = field(default=False, metadata={"aliases": ("--force-img-size",)})
+    raw_test_dir: str = TEST_IMAGES  # the test set: its images (else the test face crops) get a row each
     auto_batch: bool = False       # --batch-size auto: probe the device for the largest batch, keep batch × accum_steps
     head_lr_mult: float = 1.0      # fine-tuning: the head's LR = ft_lr × this (SSL unaffected)
     sbi_p: float = 0.0             # share of each batch's real faces made self-blended fakes on the fly (titan.data.sbi); 0 = off
@@ -100,12 +103,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def option(default: Any = MISSING, help: str = "", *, flag: str = "", switch: bool | None = None,
+def option(default: Any = MISSING, help: str = "", *, flag: str = "", aliases: tuple[str, ...] = (),
            choices: tuple | None = None, positional: bool = False, default_factory: Any = MISSING):
-    """A dataclass field with its command-line form: ``help``; ``flag`` (default ``--field-name``);
-    ``switch=True/False`` makes a bare flag that sets that value (``--overwrite``, ``--no-amp``);
-    ``choices``; ``positional`` for a list of positional arguments."""
-    meta = {"help": help, "flag": flag, "switch": switch, "choices": choices, "positional": positional}
+    """A dataclass field with its command-line form: ``help``; ``flag`` (default ``--field-name``) and
+    other spellings ``aliases``; ``choices``; ``positional`` for a list of positional arguments. A
+    boolean field is always a switch with its ``--no-`` form (``--amp`` / ``--no-amp``)."""
+    meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "positional": positional}
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -113,7 +116,7 @@ def option(default: Any = MISSING, help: str = "", *, flag: str = "", switch: bo
 class ScriptOptions:
     """Flags every stage script has."""
 
-    debug: bool = option(False, "on an error, print the full traceback as well as the one-line message", switch=True)
+    debug: bool = option(False, "on an error, print the full traceback as well as the one-line message")
 
 
 def _default(f) -> Any:
@@ -192,9 +195,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, presets: d
         dest = f"cfg_{f.name}"
         if meta.get("positional"):
             group.add_argument(dest, nargs="*", default=None, metavar=f.name.upper(), help=help_text)
-        elif meta.get("switch") is not None:
-            group.add_argument(meta.get("flag") or f"--{f.name.replace('_', '-')}", dest=dest, action="store_const",
-                               const=meta["switch"], default=None, help=meta.get("help") or f.name)
+        elif typ is bool:  # one convention: --x / --no-x (--set x=false keeps working)
+            group.add_argument(meta.get("flag") or f"--{f.name.replace('_', '-')}", *meta.get("aliases", ()), dest=dest,
+                               action=argparse.BooleanOptionalAction, default=None, help=help_text.strip())
         else:
             name = typ.__name__ if isinstance(typ, type) else "LIST"
             group.add_argument(meta.get("flag") or f"--{f.name.replace('_', '-')}", dest=dest, default=None,

@@ -150,7 +150,7 @@ def bottlenecks(rows: Sequence[StageCost]) -> list[str]:
             fed = r.img_s / max(1e-9, 1 - r.wait)
             out.append(f"{r.stage}: the data loader is the bottleneck — the model waits {r.wait:.0%} of the time; "
                        f"fed, it would run {1 / max(1e-9, 1 - r.wait):.2f}× faster ({fed:.1f} images/s). "
-                       "Raise --num-workers, or decode on the GPU (--gpu-decode true).")
+                       "Raise --num-workers, or decode on the GPU (--gpu-decode).")
     return out
 
 

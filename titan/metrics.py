@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .infer.calibration import decide
+
 
 def _arrays(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true).astype(int).ravel()
@@ -92,7 +94,7 @@ def binary_metrics(y_true, y_prob, threshold: float | None = None) -> dict[str, 
     y, p = _arrays(y_true, y_prob)
     if threshold is None:
         threshold, _ = best_f1_threshold(y, p)
-    pred = (p >= threshold).astype(int)
+    pred = decide(p, threshold)
     f1, precision, recall = f1_precision_recall(y, pred)
     c = confusion(y, pred)
     return {

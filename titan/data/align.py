@@ -33,7 +33,9 @@ from ..config import ScriptOptions, option
 from ..costs import StageCost, TimedLoader, Work, cost_table
 from ..device import peak_memory_gib, reset_peak_memory, resolve_device
 from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image, encode_image
-from .faces import NO_FACE, Detection, FaceDetector, face_crop, shrink_for_detection
+from .faces import (DEFAULT_MARGIN, DEFAULT_MAX_SIDE, DEFAULT_MIN_PROB, NO_FACE, Detection, FaceDetector, face_crop,
+                    shrink_for_detection)
+from ..runfiles import DATASET_DIR, FACES_DIR, log_files
 from ..runlog import RunLog
 
 try:  # POSIX: shards of one folder append to the same manifest
@@ -52,11 +54,11 @@ DONE = ("face", "fallback")
 class AlignOptions(ScriptOptions):
     """align_faces.py's flags."""
 
-    input: str = option("data/dataset", "dataset folder holding {split}_images/")
-    output: str = option("data/faces_512", "writes {split}/ under it")
+    input: str = option(DATASET_DIR, "dataset folder holding {split}_images/")
+    output: str = option(FACES_DIR, "writes {split}/ under it")
     splits: str = option("train,test", "comma-separated splits")
     size: int = option(512, "output side in pixels")
-    margin: float = option(0.2, "crop side = larger box side × (1 + 2·margin)")
+    margin: float = option(DEFAULT_MARGIN, "crop side = larger box side × (1 + 2·margin)")
     device: str = option("auto", "auto = CUDA if present, else cpu")
     batch_size: int = option(0, "detection batch per size bucket; 0 = 32 on GPU, 8 on CPU")
     workers: int = option(4, "image-decoding loader threads (0 = in the main thread)")
@@ -64,13 +66,13 @@ class AlignOptions(ScriptOptions):
     format: str = option("jpg", "output format", choices=("jpg", "png"))
     quality: int = option(95, "JPEG quality")
     shard: str = option("0/1", "I/N: process only shard I (0-based) of N, split by a hash of the Id")
-    overwrite: bool = option(False, "redo images already done", switch=True)
-    strict: bool = option(False, "exit 1 if any image failed", switch=True)
-    max_side: int = option(1024, "shrink larger images for detection only")
-    min_prob: float = option(0.9, "ignore faces the detector scores below this")
+    overwrite: bool = option(False, "redo images already done")
+    strict: bool = option(False, "exit 1 if any image failed")
+    max_side: int = option(DEFAULT_MAX_SIDE, "shrink larger images for detection only")
+    min_prob: float = option(DEFAULT_MIN_PROB, "ignore faces the detector scores below this")
     max_pixels: int = option(MAX_PIXELS, "refuse (as failed, by name) images with more pixels than this; 0 = no limit")
     estimate: bool = option(False, "time the whole alignment (decode, detect, crop, encode) on a sample of each split "
-                                   "and print the projected cost; writes nothing but align_estimate_log.txt/.jsonl", switch=True)
+                                   "and print the projected cost; writes nothing but align_estimate_log.txt/.jsonl")
     estimate_images: int = option(64, "with --estimate: images sampled per split")
 
 
@@ -92,6 +94,21 @@ class SplitSummary:
     @property
     def img_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def read_align_settings(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings a face folder's crops were made with (its ``align_settings.json``), None when it
+    has none (crops not made by align_faces.py, or from before the file was written)."""
+    path = Path(folder) / SETTINGS_JSON
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete it (align_faces.py rewrites it) or fix it") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object; delete it (align_faces.py rewrites it)")
+    return obj
 
 
 # --- shards -----------------------------------------------------------------------------------
@@ -412,7 +429,7 @@ def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummar
     """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
     sources = check_options(opts)
     out_root = Path(opts.output)
-    log = log or RunLog(out_root / "align_faces_log.txt", out_root / "align_faces_log.jsonl")
+    log = log or RunLog(*log_files(out_root, "align_faces"))
     device = resolve_device(opts.device)
     detector = FaceDetector(device, opts.batch_size or None, max_side=opts.max_side, min_prob=opts.min_prob)
     log.info(f"align_faces: device {device}, detection batch {detector.batch_size}, {opts.workers} loader workers, "
@@ -470,7 +487,7 @@ def estimate_align(opts: AlignOptions) -> list[StageCost]:
     temporary folder that is removed)."""
     sources = check_options(opts)
     out_root = Path(opts.output)
-    log = RunLog(out_root / "align_estimate_log.txt", out_root / "align_estimate_log.jsonl")
+    log = RunLog(*log_files(out_root, "align_estimate"))
     device = resolve_device(opts.device)
     detector = FaceDetector(device, opts.batch_size or None, max_side=opts.max_side, min_prob=opts.min_prob)
     log.info(f"align_faces --estimate: device {device}, detection batch {detector.batch_size}, {opts.workers} loader "

@@ -20,6 +20,13 @@ import torch
 
 from .images import square_resize
 
+# The crop every stage makes unless told otherwise (align_faces.py's defaults, the README's): the
+# face box widened by ``margin`` on each side, faces the detector scores below ``min_prob`` ignored,
+# detection on a copy shrunk to ``max_side``. A fold set's preprocessing record overrides them.
+DEFAULT_MARGIN = 0.2
+DEFAULT_MIN_PROB = 0.9
+DEFAULT_MAX_SIDE = 1024
+
 # When the caller leaves the batch size to us. CPU: measured with bench/align_bench.py on
 # 2 cores — equal-size batches of 8 beat image-by-image (README, "align_faces.py").
 AUTO_BATCH = {"cuda": 32, "cpu": 8}
@@ -46,7 +53,7 @@ class FaceDetector:
     """
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None,
-                 max_side: int = 1024, min_prob: float = 0.9, min_face_size: int = 20) -> None:
+                 max_side: int = DEFAULT_MAX_SIDE, min_prob: float = DEFAULT_MIN_PROB, min_face_size: int = 20) -> None:
         from facenet_pytorch import MTCNN
 
         self.device = torch.device(device)
@@ -84,7 +91,7 @@ class FaceDetector:
         return out
 
 
-def all_faces(boxes, probs, min_prob: float = 0.9) -> list[Detection]:
+def all_faces(boxes, probs, min_prob: float = DEFAULT_MIN_PROB) -> list[Detection]:
     """MTCNN's boxes for one image scoring ≥ min_prob, largest first (n_faces counts them)."""
     if boxes is None:
         return []
@@ -95,7 +102,7 @@ def all_faces(boxes, probs, min_prob: float = 0.9) -> list[Detection]:
     return [Detection(tuple(float(v) for v in boxes[k]), float(probs[k]), int(len(boxes))) for k in order]
 
 
-def largest_face(boxes, probs, min_prob: float = 0.9) -> Detection:
+def largest_face(boxes, probs, min_prob: float = DEFAULT_MIN_PROB) -> Detection:
     """The largest of MTCNN's boxes for one image scoring ≥ min_prob (n_faces counts those)."""
     faces = all_faces(boxes, probs, min_prob)
     return faces[0] if faces else NO_FACE
@@ -118,7 +125,7 @@ def _rescale(d: Detection, full_shape: tuple[int, ...], small_shape: tuple[int, 
     return Detection((x1 * sx, y1 * sy, x2 * sx, y2 * sy), d.prob, d.n_faces)
 
 
-def square_around(box: Sequence[float], width: int, height: int, margin: float = 0.2) -> tuple[int, int, int]:
+def square_around(box: Sequence[float], width: int, height: int, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int]:
     """(x0, y0, side) of the square crop for a face box, in source pixels.
 
     side = the box's larger side × (1 + 2·margin), centred on the box, shifted to stay inside
@@ -148,7 +155,7 @@ def crop_square(img: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
     return patch
 
 
-def face_crop(img: np.ndarray, det: Detection, size: int, margin: float = 0.2) -> tuple[np.ndarray, str]:
+def face_crop(img: np.ndarray, det: Detection, size: int, margin: float = DEFAULT_MARGIN) -> tuple[np.ndarray, str]:
     """(size×size crop, "face" | "fallback"): the square around the face, else the centre square."""
     if det.box is None or not all(math.isfinite(v) for v in det.box):
         return square_resize(img, size), "fallback"
@@ -159,10 +166,12 @@ def face_crop(img: np.ndarray, det: Detection, size: int, margin: float = 0.2) -
 _DETECTORS: dict[str, FaceDetector] = {}
 
 
-def crop_face(img: np.ndarray, size: int, margin: float = 0.2, device: str = "cpu") -> np.ndarray:
+def crop_face(img: np.ndarray, size: int, margin: float = DEFAULT_MARGIN, device: str = "cpu",
+              min_prob: float = DEFAULT_MIN_PROB, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
     """One image → its size×size face crop exactly as align_faces.py makes it (centre square if
-    no face). The detector is built once per process and device, for occasional re-crops."""
-    if device not in _DETECTORS:
-        _DETECTORS[device] = FaceDetector(device)
-    det = _DETECTORS[device].detect([img])[0]
+    no face). The detector is built once per process, device and detection settings, for occasional re-crops."""
+    key = f"{device}|{min_prob}|{max_side}"
+    if key not in _DETECTORS:
+        _DETECTORS[key] = FaceDetector(device, max_side=max_side, min_prob=min_prob)
+    det = _DETECTORS[key].detect([img])[0]
     return face_crop(img, det, size, margin)[0]

@@ -39,7 +39,10 @@ import pandas as pd
 
 from ..checkpoints import atomic_write
 from ..data.images import IMAGE_EXTS, decode_image, encode_image
+from ..runfiles import log_files
 from ..runlog import RunLog
+from . import photos as reg
+from .photos import Photo
 
 ID_PREFIX = "demo_"
 
@@ -92,32 +95,6 @@ def _rgb(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
-@dataclass
-class Photo:
-    """A real photo and its largest face: box (x1,y1,x2,y2) and landmarks (5,2) as MTCNN orders
-    them (left eye, right eye, nose, left mouth corner, right mouth corner)."""
-    name: str
-    image: np.ndarray
-    box: np.ndarray
-    landmarks: np.ndarray
-    person: str = ""    # who it is, when one person appears in several photos (else: the name)
-
-    @property
-    def identity(self) -> str:
-        return self.person or self.name
-
-    @property
-    def face_size(self) -> float:
-        return float(max(self.box[2] - self.box[0], self.box[3] - self.box[1]))
-
-    @property
-    def frontal(self) -> bool:
-        """Nose roughly between the eyes: a profile face (the cameraman) swaps into nonsense."""
-        eyes = (self.landmarks[0] + self.landmarks[1]) / 2
-        eye_dist = max(float(np.linalg.norm(self.landmarks[1] - self.landmarks[0])), 1.0)
-        return abs(float(self.landmarks[2, 0] - eyes[0])) / eye_dist < 0.25
-
-
 def make_detector():
     """MTCNN on the CPU; its weights ship inside the facenet-pytorch wheel."""
     from facenet_pytorch import MTCNN
@@ -153,7 +130,6 @@ def load_photos(photos_dir: str | os.PathLike | None = None, detector=None) -> l
 def registry_photos(cache: str | os.PathLike | None = None, log: RunLog | None = None, detector=None) -> list[Photo]:
     """Every clear face in the photos registry packages ship (``titan.demo.photos``), one Photo
     (identity) each; [] with a notice when nothing could be fetched."""
-    from . import photos as reg
 
     log = log or RunLog(None, echo=False)
     cache = Path(cache or reg.default_cache())
@@ -577,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_spec_args(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    log = RunLog(out / "demo_log.txt", out / "demo_log.jsonl")
+    log = RunLog(*log_files(out, "demo"))
     build_dataset(out, spec_from_args(args), photos_dir=args.photos, log=log, cache=args.cache)
 
 

@@ -41,6 +41,33 @@ import numpy as np
 
 from ..checkpoints import atomic_write
 
+
+@dataclass
+class Photo:
+    """A real photo and its largest face: box (x1,y1,x2,y2) and landmarks (5,2) as MTCNN orders
+    them (left eye, right eye, nose, left mouth corner, right mouth corner)."""
+    name: str
+    image: np.ndarray
+    box: np.ndarray
+    landmarks: np.ndarray
+    person: str = ""    # who it is, when one person appears in several photos (else: the name)
+
+    @property
+    def identity(self) -> str:
+        return self.person or self.name
+
+    @property
+    def face_size(self) -> float:
+        return float(max(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+    @property
+    def frontal(self) -> bool:
+        """Nose roughly between the eyes: a profile face (the cameraman) swaps into nonsense."""
+        eyes = (self.landmarks[0] + self.landmarks[1]) / 2
+        eye_dist = max(float(np.linalg.norm(self.landmarks[1] - self.landmarks[0])), 1.0)
+        return abs(float(self.landmarks[2, 0] - eyes[0])) / eye_dist < 0.25
+
+
 CACHE_ENV = "TITAN_DEMO_CACHE"
 FETCH_TIMEOUT_S = 180
 MIN_FACE_PROB = 0.95   # a face becomes an identity only when MTCNN is this sure ...
@@ -184,8 +211,6 @@ def identities_in(detector, image: np.ndarray, name: str, cache: Path | None = N
                   min_prob: float = MIN_FACE_PROB, min_px: float = MIN_FACE_PX):
     """Every clear face in ``image`` as its own ``Photo`` (named ``name#k``): cropped out, other faces kept out of
     the crop, faces over MAX_FACE_PX shrunk. A photo with one face gives one Photo named ``name``."""
-    from .dataset import Photo
-
     boxes, probs, lmks = detect_all(detector, image, cache)
     keep = [i for i in np.argsort(-probs) if probs[i] >= min_prob
             and max(boxes[i, 2] - boxes[i, 0], boxes[i, 3] - boxes[i, 1]) >= min_px]

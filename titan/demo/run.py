@@ -37,23 +37,23 @@ from ..checkpoints import atomic_write
 from ..data.ids import id_order
 from ..data.images import ImageIndex, decode_image, square_resize
 from ..data.labels import LabelCSVError, read_labels
+from ..runfiles import DATASET_DIR, DEFAULT_PREFIX, DIAMOND_CSV, FACES_DIR, TEST_IMAGES, TRAIN_CSV, log_files
 from ..runlog import RunLog
 
 REPO = Path(__file__).resolve().parents[2]
 
 # --- every flag the demo passes, in one place (paths relative to DIR) -------------------------
 IMG_SIZE = 128
-FACES = "data/faces_512"
-DIAMONDS = "train_diamond.csv"
-TRAIN_CSV = "data/dataset/train_solution.csv"
-ALIGN_FLAGS = {"input": "data/dataset", "output": FACES, "size": IMG_SIZE}
+FACES = FACES_DIR
+DIAMONDS = DIAMOND_CSV
+ALIGN_FLAGS = {"input": DATASET_DIR, "output": FACES, "size": IMG_SIZE}
 TRAIN_FLAGS = {"preset": "demo", "faces-dir": FACES, "train-csv": DIAMONDS, "fallback-csv": TRAIN_CSV,
                "img-size": IMG_SIZE}
 # A few CPU minutes of training never make a model 99.5 % sure (the recipe's --hi/--lo): the demo's
 # probabilities span about 0.06–0.9, so its diamonds are the faces beyond 0.9 / below 0.1.
-DIAMOND_FLAGS = {"prefix": "v42", "test-dir": f"{FACES}/test", "train-csv": TRAIN_CSV, "out": DIAMONDS,
+DIAMOND_FLAGS = {"prefix": DEFAULT_PREFIX, "test-dir": f"{FACES}/test", "train-csv": TRAIN_CSV, "out": DIAMONDS,
                  "hi": 0.9, "lo": 0.1}
-SAFE_FLAGS = {"prefix": "v42", "test-dir": f"{FACES}/test", "raw-test-dir": "data/dataset/test_images"}
+SAFE_FLAGS = {"prefix": DEFAULT_PREFIX, "test-dir": f"{FACES}/test", "raw-test-dir": TEST_IMAGES}
 # --quick: a smoke run (a few dozen images, 2 folds, 1 epoch, 64 px) to check the wiring.
 QUICK_N_IMAGES = 48
 QUICK_TRAIN_FLAGS = {"n-folds": 2, "ft-epochs": 1, "ssl-epochs": 1, "img-size": 64}
@@ -68,7 +68,7 @@ DETECT_FLAGS = {"out": f"{DETECT_DIR}/detections.csv", "html": f"{DETECT_DIR}/re
                 "heatmaps": f"{DETECT_DIR}/heatmaps", "frames": 6, "tta": "minimal"}
 CLIP = f"{DETECT_DIR}/demo_clip.mp4"
 # evaluate.py last: the raw test photos and their labels, one level per degradation (--reduced).
-EVAL_FLAGS = {"data": "data/dataset/test_images", "labels": "test_labels.csv", "tta": "minimal",
+EVAL_FLAGS = {"data": TEST_IMAGES, "labels": "test_labels.csv", "tta": "minimal",
               "bootstrap": 500}
 # What the runner made and removes before a fresh run (never the user's other files in DIR).
 GENERATED = (FACES, DIAMONDS, *RUNS, DETECT_DIR, "demo_scores.json")
@@ -89,7 +89,9 @@ class Stage:
 
 
 def _flags(flags: dict) -> list[str]:
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    """``--k v``; a boolean is a switch (``--k`` / ``--no-k``), the one convention of every script."""
+    return [x for k, v in flags.items()
+            for x in (((f"--{k}" if v else f"--no-{k}"),) if isinstance(v, bool) else (f"--{k}", str(v)))]
 
 
 def demo_stages(quick: bool = False, final: str | None = None, self_train: bool = SELF_TRAIN) -> list[Stage]:
@@ -116,7 +118,7 @@ def demo_stages(quick: bool = False, final: str | None = None, self_train: bool 
 def detect_inputs(out: Path) -> list[str]:
     """A few test images for detect.py (the first fakes and reals by Id), relative to DIR."""
     labels = read_labels(demo.dataset_paths(out)["test_labels"])
-    index = ImageIndex(out / "data/dataset/test_images")
+    index = ImageIndex(out / TEST_IMAGES)
     picked = []
     for name, target in (("fake", 1), ("real", 0)):
         ids = [i for i in id_order(labels.Id[labels.target_feature == target].tolist()) if i in index]
@@ -260,7 +262,7 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
     """Build the demo set, run every stage, score the last run; returns the scores (also in demo_scores.json)."""
     out, repo = Path(out).resolve(), Path(repo).resolve()
     spec = spec or demo.DemoSpec(n_images=QUICK_N_IMAGES if quick else demo.DemoSpec().n_images)
-    log = log or RunLog(out / "demo_log.txt", out / "demo_log.jsonl")
+    log = log or RunLog(*log_files(out, "demo"))
     t0 = time.time()
     spec_file = out / "demo_spec.json"
     if resume and spec_file.is_file():

@@ -1,4 +1,9 @@
-"""Calibrated probabilities and the uncertain band: the one owner of both.
+"""Logits → probabilities, decisions and verdicts: the one owner of σ, the threshold rule and the band.
+
+No other module computes a sigmoid or compares a probability with a threshold (tests/test_layout.py
+holds that): raw P(fake) = σ(logit) (``probability``; a fold ensemble's is σ of its mean logit,
+``ensemble_probability``), the decision is fake when P ≥ threshold (``decide``), the calibrated
+P is σ(logit / T) and the verdict adds ``uncertain`` inside the band (``Calibration``).
 
 **Temperature.** Training fits one temperature T on the out-of-fold logits by minimum negative
 log-likelihood (temperature scaling, Guo et al. 2017, "On Calibration of Modern Neural
@@ -34,8 +39,26 @@ def logit_of(prob) -> np.ndarray:
 
 
 def sigmoid(x) -> np.ndarray:
+    """σ(x) in float64. The form the training outputs were always written with (1 / (1 + e^−x)), so
+    OOF rows, predictions and submissions keep their bits; e^−x overflowing to inf gives exactly 0."""
     x = np.asarray(x, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -x))  # stable at both ends
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def probability(logits) -> np.ndarray:
+    """Raw P(fake) = σ(logit), per logit (a fold's, or an ensemble's mean)."""
+    return sigmoid(logits)
+
+
+def ensemble_probability(fold_logits) -> np.ndarray:
+    """A fold ensemble's P(fake) per image: σ of the mean logit over the folds (axis 0)."""
+    return sigmoid(np.asarray(fold_logits, dtype=np.float64).mean(axis=0))
+
+
+def decide(prob, threshold: float) -> np.ndarray:
+    """0/1 decisions: fake (1) when P(fake) ≥ threshold. The one threshold rule."""
+    return (np.asarray(prob, dtype=np.float64) >= threshold).astype(np.int64)
 
 
 def apply_temperature(logits, temperature: float) -> np.ndarray:
@@ -136,11 +159,15 @@ class Calibration:
 
     def probabilities(self, logits) -> tuple[np.ndarray, np.ndarray]:
         """(raw P, calibrated P) of ensemble logits."""
-        return sigmoid(logits), calibrated_probability(logits, self.temperature)
+        return probability(logits), calibrated_probability(logits, self.temperature)
+
+    def decisions(self, prob) -> np.ndarray:
+        """0/1 decisions of raw probabilities at this threshold."""
+        return decide(prob, self.threshold)
 
     def verdicts(self, logits) -> tuple[np.ndarray, np.ndarray]:
         """(decision at the threshold: "fake"/"real", verdict: "fake"/"real"/"uncertain") per logit."""
         prob, cal = self.probabilities(logits)
-        decision = np.where(prob >= self.threshold, "fake", "real")
+        decision = np.where(decide(prob, self.threshold) == 1, "fake", "real")
         uncertain = np.abs(cal - self.calibrated_cut) <= self.band
         return decision, np.where(uncertain, "uncertain", decision)

@@ -36,11 +36,11 @@ from ..config import option
 from ..data.align import prefetch
 from ..data.faces import NO_FACE, Detection, FaceDetector, face_crop
 from ..data.images import IMAGE_EXTS, ImageDecodeError, centre_square, decode_image, to_chw_uint8, to_rgb_array
-from ..runfiles import RunFiles
+from ..runfiles import DEFAULT_PREFIX, TEST_IMAGES, RunFiles
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
-from .resilient import EnsembleOptions, ResilientPredictor, pick_device
-from .tta import resolve_tta
+from .record import Preprocessing
+from .resilient import CropFlags, EnsembleOptions, ResilientPredictor, pick_device
 
 log = logging.getLogger("titan")
 
@@ -55,20 +55,13 @@ class DetectError(RuntimeError):
 
 
 @dataclass
-class DetectorOptions(EnsembleOptions):
+class DetectorOptions(EnsembleOptions, CropFlags):
     """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py)."""
 
-    tta: str = option("full", "full (identity,hflip,rot+5,rot-5: training's inference), minimal (identity,hflip) or a list")
-    margin: float = option(0.2, "face-box margin of the square crop (align_faces.py's default)")
-    min_prob: float = option(0.9, "ignore faces the detector scores below this (align_faces.py's default)")
-    max_side: int = option(1024, "shrink larger images for face detection only")
-
     def detector(self, say: Callable[[str], None] = log.info, band: float | None = None) -> "Detector":
-        """The run's detector as these flags describe it."""
-        return Detector.from_run(self.weights_dir, self.prefix, tta=self.tta, img_size=self.img_size,
-                                 force_img_size=self.force_img_size, band=band, say=say, device=self.device,
-                                 batch_size=self.batch_size, amp=self.amp, margin=self.margin,
-                                 min_prob=self.min_prob, max_side=self.max_side)
+        """The run's detector as these flags describe it (each preprocessing flag against the folds' record)."""
+        return Detector.from_run(self.weights_dir, self.prefix, flags=self, band=band, say=say, device=self.device,
+                                 batch_size=self.batch_size, amp=self.amp)
 
 
 @dataclass
@@ -76,7 +69,7 @@ class DetectOptions(DetectorOptions):
     """detect.py's flags."""
 
     inputs: list[str] = option(help="images, folders (recursive), globs and videos (mp4, mov, avi, mkv, webm)",
-                               positional=True, default_factory=lambda: ["data/dataset/test_images"])
+                               positional=True, default_factory=lambda: [TEST_IMAGES])
     out: str = option("", "per-face and per-input rows: .csv or .jsonl (by extension); empty = the terminal table only")
     html: str = option("", "one self-contained HTML page (images embedded, no links): thumbnails, verdicts, bars, heatmaps")
     heatmaps: str = option("", "folder for Grad-CAM overlays: one PNG per face (videos: the most suspicious frame's)")
@@ -303,27 +296,26 @@ def _centre_box(img: np.ndarray) -> tuple[float, float, float, float]:
 class Detector:
     """A fold set, its calibration, the face detector and a resilient TTA predictor, loaded once."""
 
-    def __init__(self, folds: FoldSet, calibration: Calibration, views: Sequence[str] = ("identity", "hflip"),
-                 img_size: int | None = None, device: str = "auto", batch_size: int = 32, amp: bool = True,
-                 margin: float = 0.2, min_prob: float = 0.9, max_side: int = 1024) -> None:
+    def __init__(self, folds: FoldSet, calibration: Calibration, prep: Preprocessing, device: str = "auto",
+                 batch_size: int = 32, amp: bool = True) -> None:
         if not folds.folds:
             raise DetectError("no fold to score with")
-        self.folds, self.calibration, self.views = folds, calibration, list(views)
+        self.folds, self.calibration, self.prep, self.views = folds, calibration, prep, list(prep.tta)
         self.notes: list[str] = []
         self.device = pick_device(device, self.notes)
-        self.img_size = img_size or folds.input_size()
-        self.margin = margin
-        self.face_detector = FaceDetector(self.device, None, max_side=max_side, min_prob=min_prob)
+        self.img_size, self.margin = prep.img_size, prep.margin
+        self.face_detector = FaceDetector(self.device, None, max_side=prep.max_side, min_prob=prep.min_prob)
         self.predictor = ResilientPredictor([f.model.eval() for f in folds.folds], folds.names, self.device,
                                             self.views, max(1, batch_size), amp, self.notes)
 
     @classmethod
-    def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = "v42", *, tta: str = "full",
-                 img_size: int = 0, force_img_size: bool = False, band: float | None = None,
+    def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX, *, tta: str = "",
+                 flags: EnsembleOptions | None = None, band: float | None = None,
                  say: Callable[[str], None] = log.info, **kwargs) -> "Detector":
-        """The folds of a run folder (any that load; the others are named), at their input size,
-        with the run's threshold and calibration; ``band`` ≥ 0 replaces the run's uncertain band."""
-        views = resolve_tta(tta)
+        """The folds of a run folder (any that load; the others are named), with the preprocessing
+        ``flags`` resolve against the folds' record (``tta`` alone when no flags are given), the run's
+        threshold and calibration; ``band`` ≥ 0 replaces the run's uncertain band."""
+        flags = flags or DetectorOptions(tta=tta)
         try:
             fs = FoldSet.from_folder(weights_dir, prefix, strict=False)
             for name, why in fs.skipped:
@@ -332,7 +324,7 @@ class Detector:
                 rf = RunFiles(Path(weights_dir), prefix)
                 raise DetectError(f"no fold in {weights_dir} loads ({'; '.join(w for _, w in fs.skipped)}); "
                                   f"detect needs {rf.fold_glob()} with {rf.fold_glob('head')}")
-            size = fs.input_size(img_size, force_img_size, say)
+            prep = flags.resolve(fs, say)
             cal = fs.calibration(say=say)
         except FoldSetError as e:
             raise DetectError(f"{e} (detect reads the folds of --weights-dir; --prefix titan for the V38 release)") from None
@@ -340,9 +332,9 @@ class Detector:
             if band > 0.5:
                 raise DetectError(f"--uncertain-band {band}: a half-width on the probability scale must be ≤ 0.5")
             cal = replace(cal, band=float(band), note=f"{cal.note}; band set to ±{band:.3f} (--uncertain-band)")
-        det = cls(fs, cal, views, size, **kwargs)
-        say(f"{fs.describe()} from {weights_dir}; input {fs.size_note(size)}; TTA {','.join(views)}; "
-            f"device {det.device}; {cal.note}")
+        det = cls(fs, cal, prep, **kwargs)
+        say(f"{fs.describe()} from {weights_dir}; input {prep.img_size} px; TTA {','.join(prep.tta)}; "
+            f"crop margin {prep.margin:g}; device {det.device}; {cal.note}")
         return det
 
     # --- faces and scores ---

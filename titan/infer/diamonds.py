@@ -6,7 +6,6 @@ first (``is_pseudo=False``), then the diamonds (``is_pseudo=True``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from ..checkpoints import CheckpointError, atomic_write
 from ..config import option
 from ..data.images import ImageIndex
 from ..data.labels import read_labels
-from ..runfiles import RunFiles
+from ..runfiles import DIAMOND_CSV, TRAIN_CSV, RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files, pair_globs
-from .resilient import FAILED, ImagesToScore, ScoringOptions, score_images
+from .resilient import FAILED, ScoringOptions
+from .scorer import score_fold_set
 from .submission import in_id_order
-from .tta import parse_tta
 
 class DiamondError(RuntimeError):
     """make_diamonds cannot run; nothing was written. The message says what to fix."""
@@ -37,13 +36,12 @@ class DiamondConfig(ScoringOptions):
     heads: str = option("", "glob of head files (with --backbones)")
     variant: str = option("", "backbone variant; empty = read from the weights")
     head: str = option("", "head type; empty = read from the weights", choices=("", "linear", "arcface"))
-    train_csv: str = option("data/dataset/train_solution.csv", "original labelled rows (Id,target_feature)")
-    out: str = option("train_diamond.csv", "output CSV")
+    train_csv: str = option(TRAIN_CSV, "original labelled rows (Id,target_feature)")
+    out: str = option(DIAMOND_CSV, "output CSV")
     hi: float = option(0.995, "P(fake) above this → fake diamond")
     lo: float = option(0.005, "P(fake) below this → real diamond")
-    tta: str = option("identity,hflip", "TTA views: identity,hflip,vflip,rot+5,rot-5")
     max_per_class: int = option(0, "keep at most N most confident per class; 0 = all")
-    balance: bool = option(False, "keep as many real as fake diamonds (the smaller count)", switch=True)
+    balance: bool = option(False, "keep as many real as fake diamonds (the smaller count)")
 
 
 @dataclass
@@ -56,6 +54,8 @@ class DiamondSummary:
     n_real: int
     img_size: int
     histogram: str
+    probs: np.ndarray   # ensemble P(fake) per test face (Id order of the scores CSV)
+    histogram_png: Path  # where make_diamonds.py draws them (titan.report.plots.diamond_histogram)
     unreadable: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -99,23 +99,6 @@ def text_histogram(probs: np.ndarray, bins: int = 20, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def save_histogram_png(probs: np.ndarray, hi: float, lo: float, path: str | os.PathLike, title: str = "") -> Path:
-    from ..report.plots import plt, save  # the shared Agg figure writer: atomic, closes the figure
-
-    p = np.asarray(probs, dtype=np.float64)
-    p = p[np.isfinite(p)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(p, bins=50, range=(0, 1), color="#4c72b0")
-    for t, c, lab in ((lo, "#2ca02c", f"real < {lo:g}"), (hi, "#d62728", f"fake > {hi:g}")):
-        ax.axvline(t, color=c, linestyle="--", label=lab)
-    ax.set_yscale("log" if p.size > 50 else "linear")  # the tails dwarf the middle
-    ax.set_xlabel("ensemble P(fake)")
-    ax.set_ylabel("test images")
-    ax.set_title(title or "Test-set probabilities and diamond thresholds")
-    ax.legend(loc="upper center")
-    return save(fig, path)
-
-
 def _fold_files(cfg: DiamondConfig):
     if cfg.backbones or cfg.heads:
         if not (cfg.backbones and cfg.heads):
@@ -143,7 +126,6 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     say = runlog.info if runlog else (lambda msg: None)
     if not 0.0 <= cfg.lo < cfg.hi <= 1.0:
         raise DiamondError(f"thresholds must satisfy 0 <= lo < hi <= 1 (got --lo {cfg.lo}, --hi {cfg.hi})")
-    views = parse_tta(cfg.tta)
     files, where = _fold_files(cfg)
     if not files:
         raise DiamondError(f"no fold weights found ({where}); pass --weights-dir/--prefix (v42 for our own "
@@ -161,23 +143,23 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
                            f"check that --test-dir holds the test faces")
     try:
         fs = FoldSet.load(files, True, cfg.variant, cfg.head, None if cfg.backbones else RunFiles(Path(cfg.weights_dir), cfg.prefix))
-        img_size = fs.input_size(cfg.img_size, cfg.force_img_size, say)
+        prep = cfg.resolve(fs, say)
     except FoldSetError as e:
         raise DiamondError(str(e)) from None
     except CheckpointError as e:
         raise DiamondError(f"fold weights do not load (wrong architecture or a broken file): {e}") from None
     say(f"loaded {fs.describe()} from {where}")
-    say(f"scoring {len(test_ids)} test faces from {cfg.test_dir} at {fs.size_note(img_size)}, TTA {','.join(views)}")
+    say(f"scoring {len(test_ids)} test faces from {cfg.test_dir} at {prep.img_size} px, TTA {','.join(prep.tta)}")
 
-    scores = score_images(fs.folds, ImagesToScore(test_ids, index, img_size), cfg.batch_size, cfg.device, views,
-                          cfg.amp, cfg.num_workers, cfg.progress)
-    scores.drop_nonfinite_folds()
+    scored = score_fold_set(fs, prep, test_ids, index, batch_size=cfg.batch_size, device=cfg.device, amp=cfg.amp,
+                            num_workers=cfg.num_workers, progress=cfg.progress, say=say)
+    scores = scored.scores
     if not scores.fold_names:
         raise DiamondError("every fold produced non-finite outputs; the weights are broken")
     unreadable = [scores.ids[i] for i in np.flatnonzero(scores.status == FAILED)]
     for i in np.flatnonzero(scores.status == FAILED)[:10]:
         say(f"unreadable test face, not a diamond: {scores.reasons[i]}")
-    probs = scores.probabilities()
+    probs = scored.prob
 
     diamonds = select_diamonds(test_ids, probs, cfg.hi, cfg.lo, cfg.max_per_class, cfg.balance)
     rows = training_rows(train, diamonds)
@@ -187,9 +169,6 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     scores_df = in_id_order(pd.DataFrame({"Id": test_ids, "prob": probs}))
     atomic_write(scores_csv, lambda tmp: scores_df.to_csv(tmp, index=False))
     n_fake, n_real = int((diamonds.target_feature == 1).sum()), int((diamonds.target_feature == 0).sum())
-    png = save_histogram_png(probs, cfg.hi, cfg.lo, out.with_name(out.stem + "_hist.png"),
-                             f"{len(scores.fold_names)} fold(s), {int(scores.scored.sum())} test faces: "
-                             f"{n_fake} fake + {n_real} real diamonds")
 
     n_scored = int(scores.scored.sum())
     hist = text_histogram(probs)
@@ -202,6 +181,6 @@ def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSu
     say("ensemble P(fake) histogram:\n" + hist)
     for note in scores.notes:
         say(f"degraded: {note}")
-    say(f"wrote {out} ({len(train)} original + {len(diamonds)} diamond rows), {scores_csv}, {png}")
-    return DiamondSummary(out, len(scores.fold_names), len(test_ids), n_scored, n_fake, n_real, img_size, hist,
-                          unreadable, scores.notes)
+    say(f"wrote {out} ({len(train)} original + {len(diamonds)} diamond rows), {scores_csv}")
+    return DiamondSummary(out, len(scores.fold_names), len(test_ids), n_scored, n_fake, n_real, prep.img_size, hist,
+                          probs, out.with_name(out.stem + "_hist.png"), unreadable, scores.notes)

@@ -9,9 +9,12 @@ report all ask here. The rules (also in the README, "Fold sets"):
 - **Architecture, variant, head**: recorded in the metadata, else read off the weights (a
   ConvNeXt V2 variant by its depths and widths, a head by its keys). Every fold must agree;
   folds that do not are an error naming each file.
-- **Input size**: the folds' recorded ``img_size``; every fold that records one must agree
-  (else an error naming the files); none recorded → 512, said so. An explicit size that differs
-  is refused unless the caller forces it (``--force-img-size``), and then logged.
+- **Preprocessing** (``preprocessing``, ``resolve``): each fold's record (``titan.infer.record``:
+  input size, normalisation, crop, TTA, calibration); every fold that records a value must agree
+  (else an error naming the files). ``resolve`` is the one place a consumer's flags meet the record:
+  flag → record → default, a contradicting input size or crop refused unless forced
+  (``--force-preprocessing``, alias ``--force-img-size``), each value's source logged.
+- **Input size**: the folds' recorded ``img_size``; none recorded → 512, said so.
 - **Decision threshold** (``decision_threshold``): the out-of-fold best-F1 threshold recorded in
   ``metrics_{prefix}.json`` (or the log's ``oof`` record), else the mean of the thresholds the
   folds record (folds without one are left out), else the best-F1 threshold of the OOF
@@ -27,7 +30,7 @@ import glob
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,14 +40,14 @@ import pandas as pd
 from ..data.fingerprint import digest_lines, file_version
 from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
 from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
+from .record import DEFAULT_IMG_SIZE, SEEN, Preprocessing, PreprocessingError, resolve_preprocessing
 from ..metrics import best_f1_threshold
 from ..models.archs import build_arch_backbone, parse_arch
 from ..models.classifier import FoldModel
 from ..models.convnextv2 import build_backbone, variant_of
 from ..models.heads import build_head, head_of
-from ..runfiles import RunFiles, fold_number
+from ..runfiles import DEFAULT_PREFIX, RunFiles, fold_number
 
-DEFAULT_IMG_SIZE = 512
 log = logging.getLogger("titan")
 
 
@@ -66,7 +69,7 @@ class FoldFiles:
         return f"fold{k}" if k is not None else self.backbone.stem
 
 
-def find_fold_files(folder: str | os.PathLike, prefix: str = "v42") -> list[FoldFiles]:
+def find_fold_files(folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX) -> list[FoldFiles]:
     """Every ``{prefix}_backbone_fold{k}.pth`` in ``folder`` (ascending k), with its head and meta
     when present; a backbone without a head is kept (head None) so callers can name it."""
     files = RunFiles(Path(folder), prefix)
@@ -102,6 +105,7 @@ class Fold:
     threshold: float | None = None
     meta: dict = field(default_factory=dict)  # plain values; always has arch, variant, head
     notes: list[str] = field(default_factory=list)  # what was given up while loading it
+    record: Preprocessing = field(default_factory=Preprocessing)  # what it was trained on (titan.infer.record)
 
 
 def _plain(meta: dict) -> dict:
@@ -143,7 +147,8 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
     head_mod = load_into(build_head(head, backbone.num_features), hsd)
     th = meta.get("th", meta.get("threshold"))
     return Fold(files.name, FoldModel(backbone, head_mod).eval(), files, float(th) if th is not None else None,
-                {**_plain(meta), "arch": arch, "variant": variant, "head": head}, notes)
+                {**_plain(meta), "arch": arch, "variant": variant, "head": head}, notes,
+                Preprocessing.from_meta({**meta, "arch": arch}))
 
 
 def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Sequence[float | None] = (),
@@ -223,7 +228,7 @@ class FoldSet:
         return fs
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, prefix: str = "v42", strict: bool = True,
+    def from_folder(cls, folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX, strict: bool = True,
                     variant: str | None = None, head: str | None = None, n_folds: int | None = None) -> "FoldSet":
         """The folds of a run folder; ``n_folds`` keeps folds 0..n_folds-1 (extra files are skipped, named)."""
         files = find_fold_files(folder, prefix)
@@ -249,6 +254,8 @@ class FoldSet:
         self._agreed("architecture", lambda f: f.meta["arch"])
         recorded = FoldSet([f for f in self.folds if _size(f) is not None])
         recorded._agreed("input size", lambda f: f"{_size(f)} px")
+        for key in SEEN[1:] + ("tta",):
+            FoldSet([f for f in self.folds if key in f.record.recorded])._agreed(key, lambda f: getattr(f.record, key))
 
     # --- what the set decides -------------------------------------------------------------------
 
@@ -296,27 +303,35 @@ class FoldSet:
             return DEFAULT_IMG_SIZE, f"{DEFAULT_IMG_SIZE} (no img_size in the folds' metadata)"
         return sizes[0], f"{sizes[0]} (the folds' metadata)"
 
-    def size_note(self, size: int) -> str:
-        """Where a size the set runs at came from, for the log."""
-        own, note = self.img_size
-        return note if size == own else f"{size} px (--img-size)"
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The set's record (the folds agree on what they record, ``_check_agreement``): its input
+        size by the rule above, and the calibration the run fitted on its OOF rows, when stored."""
+        base = next((f.record for f in self.folds if not f.record.legacy), self.folds[0].record if self.folds else Preprocessing())
+        size = self.img_size[0]
+        recorded = set(base.recorded) | ({"img_size"} if any(_size(f) is not None for f in self.folds) else set())
+        cal = _metrics(self.run.metrics_json).get("calibration", {}) if self.run is not None else {}
+        cal = cal if isinstance(cal, dict) else {}
+        t, band = _finite_number(cal.get("temperature"), 0.0, 1e6), _finite_number(cal.get("uncertain_band"), 0.0, 0.5)
+        recorded |= {k for k, v in (("temperature", t), ("band", band)) if v is not None}
+        return replace(base, arch=self.arch or base.arch, img_size=size, temperature=t, band=band,
+                       recorded=frozenset(recorded))
+
+    def resolve(self, *, img_size: int = 0, margin: float = -1.0, min_prob: float = -1.0, max_side: int = 0,
+                tta: str | None = "", force: bool = False, say: Callable[[str], None] = log.info) -> Preprocessing:
+        """The preprocessing to score this set with (``titan.infer.record.resolve_preprocessing``):
+        each flag (its sentinel: not given) → the folds' record → the default; a flag contradicting
+        the recorded input size or crop is a ``FoldSetError`` naming both values and the folds' files."""
+        try:
+            return resolve_preprocessing(self.preprocessing, img_size=img_size, margin=margin, min_prob=min_prob,
+                                         max_side=max_side, tta=tta, force=force, say=say,
+                                         where=f"the folds ({', '.join(str(f.files.backbone) for f in self.folds)})")
+        except PreprocessingError as e:
+            raise FoldSetError(str(e)) from None
 
     def input_size(self, explicit: int = 0, force: bool = False, say: Callable[[str], None] = lambda s: None) -> int:
-        """The size to run the set at: the folds' own; ``explicit`` (> 0) only when it matches, or
-        when ``force`` (then logged through ``say``)."""
-        size, note = self.img_size
-        if explicit <= 0 or explicit == size:
-            return size
-        recorded = any(_size(f) is not None for f in self.folds)
-        if not recorded:
-            say(f"input size {explicit} px (asked for; the folds record none)")
-            return explicit
-        if not force:
-            raise FoldSetError(f"input size {explicit} px was asked for, but the folds were trained at {size} px "
-                               f"({', '.join(str(f.files.backbone) for f in self.folds)}); drop the size option to use "
-                               f"{size}, or add --force-img-size to run at {explicit} anyway")
-        say(f"WARNING: --force-img-size: running folds trained at {size} px at {explicit} px")
-        return explicit
+        """The input size alone (Grad-CAM's question): ``resolve`` with only a size."""
+        return self.resolve(img_size=explicit, force=force, say=say).img_size
 
     def threshold(self, used: Sequence[str] | None = None) -> tuple[float, str]:
         """The decision threshold → (value, where it came from); ``used`` names the folds that voted

@@ -17,9 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ScriptOptions, option
+from ..runfiles import DEFAULT_PREFIX, TEST_FACES
 from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
-from .folds import Fold
-from .tta import ensemble_probability, predict_batches
+from ..data.faces import DEFAULT_MARGIN, DEFAULT_MAX_SIDE, DEFAULT_MIN_PROB
+from .folds import Fold, FoldSet
+from .record import CROP, Preprocessing
+from .tta import DEFAULT_TTA, TTA_HELP
+from .calibration import ensemble_probability
+from .tta import predict_batches
 from ..device import halved, is_oom, release_memory, resolve_device
 
 log = logging.getLogger("titan")
@@ -250,19 +255,38 @@ class EnsembleOptions(ScriptOptions):
     """The flags of every script that runs a training run's fold ensemble (scoring, detection)."""
 
     weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
-    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
-    img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
-    force_img_size: bool = option(False, "run at --img-size even when the folds were trained at another size",
-                                  switch=True)
+    prefix: str = option(DEFAULT_PREFIX, "fold file prefix: v42 (ours) or titan (V38 release)")
+    img_size: int = option(0, "input size; 0 = from the folds (their preprocessing record, else 512)")
+    force_preprocessing: bool = option(False, "apply --img-size / --margin / --min-prob / --max-side even where they "
+                                              "contradict the folds' preprocessing record (logged)",
+                                       aliases=("--force-img-size",))
+    tta: str = option("", f"{TTA_HELP}; empty = the folds' record (the run's --tta), else {DEFAULT_TTA}")
     batch_size: int = option(32, "faces per forward pass (halved on OOM)")
     device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
-    amp: bool = option(True, "turn off CUDA autocast", flag="--no-amp", switch=False)
-    progress: bool = option(True, "hide the progress bar", flag="--no-progress", switch=False)
+    amp: bool = option(True, "CUDA autocast (--no-amp: off)")
+    progress: bool = option(True, "the progress bar (--no-progress: hidden)")
+
+
+    def resolve(self, fs: FoldSet, say: Callable[[str], None] = log.info) -> Preprocessing:
+        """These flags against the folds' preprocessing record (``FoldSet.resolve``)."""
+        crop = {k: getattr(self, k) for k in CROP if hasattr(self, k)}
+        return fs.resolve(img_size=self.img_size, tta=self.tta, force=self.force_preprocessing, say=say, **crop)
+
+
+@dataclass
+class CropFlags:
+    """The face-crop flags of every script that crops faces itself (detect, evaluate, safe inference's
+    re-crops); each defaults to the folds' record (the faces they were trained on), else align_faces.py's."""
+
+    margin: float = option(-1.0, f"face-box margin of the square crop; -1 = the folds' record, else {DEFAULT_MARGIN}")
+    min_prob: float = option(-1.0, f"ignore faces the detector scores below this; -1 = the folds' record, "
+                                   f"else {DEFAULT_MIN_PROB}")
+    max_side: int = option(0, f"shrink larger images for face detection only; 0 = the folds' record, else {DEFAULT_MAX_SIDE}")
 
 
 @dataclass
 class ScoringOptions(EnsembleOptions):
     """The flags of every script that scores test face crops with a fold set."""
 
-    test_dir: str = option("data/faces_512/test", "test face crops")
+    test_dir: str = option(TEST_FACES, "test face crops")
     num_workers: int = option(2, "image-decoding workers")

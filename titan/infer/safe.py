@@ -19,12 +19,13 @@ from ..checkpoints import atomic_write
 from ..config import option
 from ..data.faces import crop_face
 from ..data.images import ImageIndex, decode_image
-from ..runfiles import RunFiles
+from ..runfiles import TEST_IMAGES, RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
-from .resilient import RECROPPED, ImagesToScore, ScoringOptions, score_images
-from .submission import fill_unscored, in_id_order, raw_test_index, test_set, write_submission
-from .tta import resolve_tta
+from .record import Preprocessing
+from .resilient import RECROPPED, CropFlags, ScoringOptions
+from .scorer import score_fold_set
+from .submission import in_id_order, raw_test_index, test_set, write_submission
 
 
 
@@ -33,14 +34,12 @@ class SafeInferenceError(RuntimeError):
 
 
 @dataclass
-class SafeConfig(ScoringOptions):
-    """safe_inference.py's flags (the scoring flags, then its own)."""
+class SafeConfig(ScoringOptions, CropFlags):
+    """safe_inference.py's flags (the scoring flags, then its own; the crop flags serve its re-crops)."""
 
-    raw_test_dir: str = option("data/dataset/test_images", "original test images, re-cropped when a face crop fails")
-    out: str = option("submission_v42.csv", "submission CSV")
+    raw_test_dir: str = option(TEST_IMAGES, "original test images, re-cropped when a face crop fails")
+    out: str = option(RunFiles(Path(".")).submission_csv.name, "submission CSV")
     issues: str = option("", "issues CSV; empty = safe_inference_issues.csv beside --out")
-    tta: str = option("minimal", "minimal (identity,hflip), full (identity,hflip,rot+5,rot-5) or a list")
-    margin: float = option(0.2, "face-box margin for re-crops of originals (align_faces.py's default)")
 
 
 @dataclass
@@ -58,17 +57,18 @@ class SafeSummary:
     degraded: list[str] = field(default_factory=list)
 
 
-def recrop(original_path: str | os.PathLike, size: int, margin: float = 0.2) -> np.ndarray:
-    """The face crop of an original test image, ``size``×``size`` uint8 RGB, made by the same
-    detector and square crop as align_faces.py (centre square when no face is found)."""
-    return np.asarray(crop_face(decode_image(original_path), size, margin))
+def recrop(original_path: str | os.PathLike, prep: Preprocessing) -> np.ndarray:
+    """The face crop of an original test image, made as the folds' faces were (``prep``: size, margin,
+    min_prob, max_side; centre square when no face is found), uint8 RGB."""
+    return np.asarray(crop_face(decode_image(original_path), prep.img_size, prep.margin,
+                                min_prob=prep.min_prob, max_side=prep.max_side))
 
 
-def _recrop_by_id(raw: ImageIndex | None, size: int, margin: float, raw_dir: str, image_id: str) -> np.ndarray:
+def _recrop_by_id(raw: ImageIndex | None, prep: Preprocessing, raw_dir: str, image_id: str) -> np.ndarray:
     # Module-level (not a closure) so loader workers can pickle it under any start method.
     if raw is None:
         raise FileNotFoundError(f"no originals folder {raw_dir}")
-    return recrop(raw.path(image_id), size, margin)
+    return recrop(raw.path(image_id), prep)
 
 
 def _index_or_none(folder: str, degraded: list[str], what: str) -> ImageIndex | None:
@@ -83,7 +83,6 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     """Write a complete ``Id,target_feature`` submission (every test Id once, in Id order)."""
     say = runlog.info if runlog else (lambda msg: None)
     degraded: list[str] = []
-    views = resolve_tta(cfg.tta)
 
     try:
         fs_files = RunFiles(Path(cfg.weights_dir), cfg.prefix)
@@ -100,7 +99,7 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
             + (f"; skipped: {'; '.join(f'{n}: {w}' for n, w in skipped)}" if skipped else "")
             + ". Pass --weights-dir / --prefix.")
     try:
-        img_size = fs.input_size(cfg.img_size, cfg.force_img_size, say)
+        prep = cfg.resolve(fs, say)
     except FoldSetError as e:
         raise SafeInferenceError(str(e)) from None
 
@@ -110,21 +109,21 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     if not ids:
         raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
 
-    recrop_original = partial(_recrop_by_id, raw, img_size, cfg.margin, cfg.raw_test_dir)
-    say(f"{fs.describe()}; input {fs.size_note(img_size)}; TTA {','.join(views)}; {len(ids)} test Ids")
+    say(f"{fs.describe()}; input {prep.img_size} px; TTA {','.join(prep.tta)}; {len(ids)} test Ids")
     try:
-        scores = score_images(folds, ImagesToScore(ids, faces, img_size, recrop_original), cfg.batch_size, cfg.device,
-                              views, cfg.amp, cfg.num_workers, cfg.progress)
+        scored = score_fold_set(fs, prep, ids, faces, recrop=partial(_recrop_by_id, raw, prep, cfg.raw_test_dir),
+                                batch_size=cfg.batch_size, device=cfg.device, amp=cfg.amp, num_workers=cfg.num_workers,
+                                progress=cfg.progress, say=say)
     except Exception as e:  # noqa: BLE001 — reached only when no fold can score at all
         raise SafeInferenceError(f"no fold could score the test images: {type(e).__name__}: {e}") from e
-    scores.drop_nonfinite_folds()
+    scores = scored.scores
     degraded += scores.notes
-    th, th_note = fs.threshold(used=scores.fold_names)  # the folds' own thresholds: only those that voted
+    th, th_note = scored.calibration.threshold, scored.threshold_note
     if th_note.startswith("0.5"):
         degraded.append(f"threshold: {th_note}")
     say(f"threshold {th:.4f} ({th_note})")
 
-    filled = fill_unscored(ids, scores.probabilities(), th, scores.failure_reasons())
+    filled = scored.filled()
     labels = filled.labels
     rec = np.flatnonzero(scores.status == RECROPPED)
     recropped = [ids[i] for i in rec]

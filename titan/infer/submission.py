@@ -19,6 +19,7 @@ import pandas as pd
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
 from ..data.ids import id_order
+from .calibration import decide
 
 
 def raw_test_index(raw_dir: str | os.PathLike | None) -> ImageIndex | None:
@@ -53,7 +54,7 @@ def prior_decision(pred: np.ndarray, probs: np.ndarray, threshold: float) -> tup
     n0 = len(pred) - n1
     if n1 != n0:
         return int(n1 > n0), f"majority of {len(pred)} predictions ({n1} fake / {n0} real)"
-    label = int(float(np.mean(probs)) >= threshold)
+    label = int(decide(float(np.mean(probs)), threshold))
     return label, f"tie in predictions: mean probability {np.mean(probs):.3f} vs threshold {threshold:.3f}"
 
 
@@ -86,11 +87,6 @@ def fill_unscored(ids: Sequence[str], prob: np.ndarray, threshold: float, reason
             for i in np.flatnonzero(~ok)]
     issues = pd.DataFrame(rows, columns=["Id", "resolution", "problem", "action"])
     return Filled(labels, in_id_order(issues) if len(issues) else issues, prior, why)
-
-
-def decide(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """0/1 decisions: fake when P(fake) ≥ threshold."""
-    return (np.asarray(prob, dtype=np.float64) >= threshold).astype(np.int64)
 
 
 def submission_frame(ids: Sequence[str], labels: Sequence[int]) -> pd.DataFrame:

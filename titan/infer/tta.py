@@ -1,7 +1,9 @@
 """Test-time augmentation and the fold ensemble's prediction.
 
 Every fold model yields one fake logit per image; TTA averages logits over views, the ensemble
-averages over folds, then the sigmoid gives P(fake).
+averages over folds; ``titan.infer.calibration`` turns the ensemble logit into P(fake).
+
+One vocabulary for every script: ``full``, ``minimal`` or a comma-separated list of views (``resolve_tta``).
 """
 from __future__ import annotations
 
@@ -37,16 +39,16 @@ def tta_view(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown TTA view {name!r}; use identity, hflip, vflip or rot±DEG")
 
 
-# The view sets scripts accept by name (safe_inference.py, detect.py, evaluate.py): "full" is training's inference.
+# The view sets every script accepts by name: "full" is the README's inference (and the default when the
+# folds record none), "minimal" the cheap one.
 TTA_PRESETS = {"minimal": "identity,hflip", "full": "identity,hflip,rot+5,rot-5"}
+DEFAULT_TTA = "full"
+TTA_HELP = "TTA views: full (identity,hflip,rot+5,rot-5), minimal (identity,hflip) or a comma-separated list"
 
 
-def resolve_tta(spec: str) -> list[str]:
-    """A preset name (``minimal``, ``full``) or a comma-separated list of views → the views."""
-    return parse_tta(TTA_PRESETS.get(spec, spec))
-
-
-def parse_tta(spec: str | Sequence[str]) -> list[str]:
+def resolve_tta(spec: str | Sequence[str]) -> list[str]:
+    """A preset name (``minimal``, ``full``), a comma-separated list or a sequence of views → the views."""
+    spec = TTA_PRESETS.get(spec, spec) if isinstance(spec, str) else spec
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     probe = torch.zeros(1, 3, 8, 8)
@@ -76,7 +78,3 @@ def predict_batches(models: Sequence[nn.Module], batches: Iterable, device: torc
             progress.update(x.shape[0])
     return np.stack([torch.cat(o).numpy() if o else np.zeros(0, np.float32) for o in out])
 
-
-def ensemble_probability(fold_logits: np.ndarray) -> np.ndarray:
-    """Average logits over folds, then the sigmoid → P(fake) per image."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(fold_logits, dtype=np.float64).mean(axis=0)))

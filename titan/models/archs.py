@@ -103,6 +103,14 @@ def resolve_arch(arch: str, variant: str) -> Arch:
     return parse_arch(arch or f"titan-{variant}")
 
 
+def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the architecture normalises its [0,1] RGB input with (inside the model): ImageNet's for
+    the torchvision baselines, 0.5/0.5 for TitanNet and EfficientNet-Lite0 (TF-Lite's convention)."""
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
 def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard", img_size: int = 512) -> nn.Module:
     """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem.
     ``img_size`` is the input size EfficientNet-Lite0's TF-style padding is built for (others ignore it);

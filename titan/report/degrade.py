@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..data.faces import DEFAULT_MARGIN
+
 
 def jpeg_bytes(img: np.ndarray, quality: int) -> bytes:
     """The photo encoded once as a baseline JPEG at ``quality`` (libjpeg's IJG scale, 4:2:0)."""
@@ -99,7 +101,7 @@ DEGRADATIONS: dict[str, Degradation] = {d.name: d for d in (
     Degradation("downscale", "scale", 1.0, (0.75, 0.5, 0.25), rescale),
     Degradation("blur", "sigma (px)", 0.0, (0.5, 1.0, 2.0, 3.0), blur),
     Degradation("noise", "std (grey levels)", 0.0, (2.0, 5.0, 10.0, 20.0), lambda im, s: noise(im, s)),
-    Degradation("margin", "crop margin", 0.2, (0.1, 0.3, 0.4), lambda im, m: im),
+    Degradation("margin", "crop margin", DEFAULT_MARGIN, (0.1, 0.3, 0.4), lambda im, m: im),
     Degradation("social", "long side (px), JPEG 75", 0, (1080,), lambda im, n: social(im, int(n))),
 )}
 # make demo's reduced sweep: one harsh-but-common level of each.

@@ -25,11 +25,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import degrade
 from ..checkpoints import atomic_json, atomic_write
 from ..data.fingerprint import changed_inputs, digest_lines, file_version
-from ..infer.calibration import Calibration, sigmoid
+from ..infer.calibration import Calibration
 from ..infer.detect import DetectorOptions
 from ..config import option
+from ..data.faces import DEFAULT_MARGIN
 from ..data.images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from ..data.labels import read_labels
+from ..runfiles import TEST_IMAGES, log_files
 from ..runlog import RunLog
 from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
                        headline)
@@ -128,7 +130,7 @@ class ScoreBook:
 
 
 def score_sweep(data: LabelledSet, plan: Sequence[tuple[str, float]], scorer: Scorer, book: ScoreBook,
-                margin: float = 0.2, chunk: int = 16, max_pixels: int | None = None,
+                margin: float = DEFAULT_MARGIN, chunk: int = 16, max_pixels: int | None = None,
                 progress: bool = True) -> pd.DataFrame:
     """Score every (image, plan point) not yet in ``book``; a chunk of images at a time."""
     done = book.done()
@@ -178,7 +180,7 @@ def clean_metrics(scores: pd.DataFrame, cal: Calibration, n_boot: int = 1000, se
     intervals, and calibration (ECE) before and after the run's temperature."""
     ok = scores[(scores.degradation == "clean") & (scores.status == "ok")]
     y, logit = ok.target_feature.to_numpy(int), ok.logit.to_numpy(float)
-    p = sigmoid(logit)
+    p, p_cal = cal.probabilities(logit)
     best_th, _ = best_f1_threshold(y, p)
     out: dict = {"n_scored": int(len(ok)), "n_fakes": int(y.sum()),
                  "n_errors": int(((scores.degradation == "clean") & (scores.status != "ok")).sum())}
@@ -186,7 +188,6 @@ def clean_metrics(scores: pd.DataFrame, cal: Calibration, n_boot: int = 1000, se
         point = headline(y, p, th)
         ci = bootstrap_intervals(y, p, th, n_boot=n_boot, seed=seed)
         out[name] = {"threshold": float(th), **{k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()}}
-    p_cal = sigmoid(logit / cal.temperature)
     out["calibration"] = {"temperature": cal.temperature, "ece_raw": expected_calibration_error(y, p),
                           "ece_calibrated": expected_calibration_error(y, p_cal)}
     return out
@@ -196,14 +197,14 @@ def robustness_table(scores: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
     """degradation × level → images scored, ROC-AUC, F1 at the run's threshold, and the share of
     images whose verdict flipped against the clean image (over images scored both ways)."""
     clean = scores[(scores.degradation == "clean") & (scores.status == "ok")].set_index("Id")
-    clean_verdict = pd.Series(sigmoid(clean.logit.to_numpy(float)) >= cal.threshold, index=clean.index)
+    clean_verdict = pd.Series(cal.decisions(cal.probabilities(clean.logit.to_numpy(float))[0]), index=clean.index)
     rows = []
     for (name, level), g in scores.groupby(["degradation", "level"], sort=False):
         ok = g[g.status == "ok"]
-        y, p = ok.target_feature.to_numpy(int), sigmoid(ok.logit.to_numpy(float))
+        y, p = ok.target_feature.to_numpy(int), cal.probabilities(ok.logit.to_numpy(float))[0]
         m = binary_metrics(y, p, cal.threshold) if len(ok) else {"f1": float("nan"), "roc_auc": float("nan")}
         both = ok[ok.Id.isin(clean_verdict.index)]
-        flips = (sigmoid(both.logit.to_numpy(float)) >= cal.threshold) != clean_verdict.loc[both.Id].to_numpy()
+        flips = cal.decisions(cal.probabilities(both.logit.to_numpy(float))[0]) != clean_verdict.loc[both.Id].to_numpy()
         rows.append({"degradation": name, "level": level, "n_scored": int(len(ok)), "n_errors": int(len(g) - len(ok)),
                      "roc_auc": m["roc_auc"], "f1": m["f1"],
                      "flipped": float(flips.mean()) if len(both) else float("nan")})
@@ -264,8 +265,9 @@ def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: C
                                           lambda t: Path(t).write_text(markdown_table(table) + "\n"))
     clean = scores[(scores.degradation == "clean") & (scores.status == "ok")]
     y, logit = clean.target_feature.to_numpy(int), clean.logit.to_numpy(float)
+    p_raw, p_cal = cal.probabilities(logit)
     files["reliability"] = plot_reliability(
-        y, {"raw": sigmoid(logit), f"temperature {cal.temperature:.2f}": sigmoid(logit / cal.temperature)},
+        y, {"raw": p_raw, f"temperature {cal.temperature:.2f}": p_cal},
         out_dir / "reliability.png")
     clean_row = table[table.degradation == "clean"].iloc[0].to_dict()
     plots = []
@@ -317,13 +319,13 @@ def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, p
 class EvalOptions(DetectorOptions):
     """evaluate.py's flags (the detector's, then its own)."""
 
-    data: str = option("data/dataset/test_images", "folder of the labelled photos (raw or already cropped)")
+    data: str = option(TEST_IMAGES, "folder of the labelled photos (raw or already cropped)")
     labels: str = option("test_labels.csv", "their labels: Id,target_feature (1 = fake)")
     out: str = option("evaluation", "folder for metrics.json, the tables, plots, scores.csv and evaluation.md")
     degradations: list[str] = option(help="degradations to sweep (comma-separated): " + ",".join(degrade.DEGRADATIONS),
                                      default_factory=lambda: list(degrade.DEGRADATIONS))
     reduced: bool = option(False, "one level per degradation (JPEG 50, ×0.5, blur 1, noise 5, margin 0.4, social) "
-                                  "instead of the full sweep", switch=True)
+                                  "instead of the full sweep")
     bootstrap: int = option(1000, "bootstrap resamples for the 95%% intervals")
     chunk: int = option(16, "images per scoring step (scores are saved after each: the resume point)")
     max_pixels: int = option(MAX_PIXELS, "refuse images with more pixels than this")
@@ -347,7 +349,7 @@ def detector_scorer(detector) -> Scorer:
 def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]:
     """Score the labelled set clean and degraded with the run in ``opts.weights_dir``; write the report."""
     out = Path(opts.out)
-    run_log = log_to or RunLog(out / "evaluate_log.txt", out / "evaluate_log.jsonl")
+    run_log = log_to or RunLog(*log_files(out, "evaluate"))
     say = run_log.info
     data = LabelledSet.load(opts.data, opts.labels)
     say(f"{len(data.ids)} labelled images in {opts.data} ({int(data.labels.sum())} fakes); "
@@ -356,11 +358,11 @@ def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]
     det = opts.detector(say)
     cal = det.calibration
     inputs = {"weights": det.folds.digest(), "data": data.digest(), "settings": digest_lines(
-        [f"tta={opts.tta}", f"margin={opts.margin}", f"size={det.img_size}", f"min_prob={opts.min_prob}",
-         f"max_side={opts.max_side}"])}
+        [f"tta={','.join(det.views)}", f"margin={det.margin}", f"size={det.img_size}", f"min_prob={det.prep.min_prob}",
+         f"max_side={det.prep.max_side}"])}
     say(f"sweep: {len(plan)} points × {len(data.ids)} images ({', '.join(dict.fromkeys(n for n, _ in plan))})")
     with logging_redirect_tqdm():
-        scores = score_sweep(data, plan, detector_scorer(det), ScoreBook(out, inputs, say), opts.margin, opts.chunk,
+        scores = score_sweep(data, plan, detector_scorer(det), ScoreBook(out, inputs, say), det.margin, opts.chunk,
                              opts.max_pixels, opts.progress)
     for note in det.notes:
         say(f"degraded: {note}")

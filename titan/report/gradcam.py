@@ -22,10 +22,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.images import ImageDecodeError, ImageIndex, decode_image, square_resize, to_chw_uint8
 from ..data.ids import check_id
+from ..infer.calibration import decide, ensemble_probability
 from ..infer.folds import FoldSet, find_fold_files
 from ..models.classifier import FoldModel
 from ..device import resolve_device
-from ..runfiles import RunFiles
+from ..runfiles import DEFAULT_PREFIX, TEST_FACES, RunFiles
 from .logparse import read_prob_csv
 
 log = logging.getLogger("titan")
@@ -61,9 +62,9 @@ def gradcam(models: Sequence[FoldModel], x: torch.Tensor, explain_fake: torch.Te
         scale = s.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None]
         maps.append(s / scale)
         logits.append(logit)
-    prob = torch.sigmoid(torch.stack(logits).mean(0))
+    prob = torch.from_numpy(ensemble_probability(torch.stack(logits).cpu().numpy())).float().to(x.device)
     if explain_fake is None:
-        explain_fake = prob >= threshold
+        explain_fake = torch.from_numpy(decide(prob.cpu().numpy(), threshold)).bool()
     sign = explain_fake.to(x.device).float() * 2 - 1
     cam = F.relu(torch.stack(maps).mean(0) * sign[:, None, None])
     cam = F.interpolate(cam[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
@@ -86,8 +87,9 @@ def pick_examples(predictions: pd.DataFrame, n: int, threshold: float,
         raise ValueError(f"--explain needs a positive number of images, got {n}")
     sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
     p = predictions.assign(margin=(predictions["prob"] - threshold).abs())
-    ranked = (p[p["prob"] >= threshold].sort_values("prob", ascending=False, kind="mergesort"),
-              p[p["prob"] < threshold].sort_values("prob", ascending=True, kind="mergesort"),
+    fake = decide(p["prob"].to_numpy(), threshold) == 1
+    ranked = (p[fake].sort_values("prob", ascending=False, kind="mergesort"),
+              p[~fake].sort_values("prob", ascending=True, kind="mergesort"),
               p.sort_values("margin", kind="mergesort"))
     taken: set[str] = set()
     out = []
@@ -107,9 +109,9 @@ def _short(image_id: str, width: int = 18) -> str:
     return image_id if len(image_id) <= width else image_id[: width - 1] + "…"
 
 
-def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.PathLike = ".", prefix: str = "v42",
-                    test_dir: str | os.PathLike = "data/faces_512/test", img_size: int | None = None,
-                    device: str = "cpu", force_img_size: bool = False, batch_size: int = 4) -> Path:
+def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX,
+                    test_dir: str | os.PathLike = TEST_FACES, img_size: int | None = None,
+                    device: str = "cpu", force_preprocessing: bool = False, batch_size: int = 4) -> Path:
     """Grad-CAM gallery of ``n`` test faces picked from ``predictions_{prefix}.csv`` → PNG path.
 
     The folds, their input size and the decision threshold come from the fold set (``titan.infer.folds``).
@@ -134,7 +136,7 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
         raise ValueError(f"--explain: Grad-CAM reads TitanNet's last-stage map; {', '.join(fs.names)} ({fs.arch}) "
                          "are baseline architectures — explain a titan-* run instead")
     models = [m.to(dev).eval() for m in fs.models]
-    size = fs.input_size(img_size or 0, force_img_size, log.warning)
+    size = fs.input_size(img_size or 0, force_preprocessing, log.warning)
     if size % 32:
         raise ValueError(f"image size {size} is not a multiple of 32 (the backbone's stride); pass --img-size")
     threshold, th_note = fs.threshold()
@@ -168,10 +170,10 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
             for start in range(0, len(faces), batch_size):
                 chunk = faces[start:start + batch_size]
                 x = torch.stack([to_chw_uint8(im) for _, im in chunk]).to(dev).float().div_(255.0)
-                explain_fake = torch.tensor([r.prob >= threshold for r, _ in chunk])
+                explain_fake = torch.from_numpy(decide([r.prob for r, _ in chunk], threshold)).bool()
                 cams, _ = gradcam(models, x, explain_fake, threshold)
-                for (r, im), cam in zip(chunk, cams.cpu().numpy()):
-                    call = "fake" if r.prob >= threshold else "real"
+                for (r, im), cam, fake in zip(chunk, cams.cpu().numpy(), explain_fake.tolist()):
+                    call = "fake" if fake else "real"
                     items.append({"image": im, "cam": cam, "title": f"{_short(r.Id)}\nP(fake) {r.prob:.3f} → {call}"})
                 bar.update(len(chunk))
             groups.append((title, items))

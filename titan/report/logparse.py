@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..runfiles import RunFiles
+from ..runfiles import DEFAULT_PREFIX, RunFiles
 from ..runlog import read_jsonl
 
 
@@ -231,7 +231,7 @@ def parse_jsonl_log(path: str | os.PathLike, run: RunRecord) -> None:
 
 # --- run folders -------------------------------------------------------------------------------------
 
-def find_logs(folder: str | os.PathLike, prefix: str = "v42") -> list[Path]:
+def find_logs(folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX) -> list[Path]:
     """The log of a run folder: JSON-lines preferred (it holds everything the text log does).
 
     ``training_{prefix}_log.jsonl`` / ``.txt`` first; else any ``*log*.jsonl`` / ``*log*.txt``.
@@ -280,7 +280,7 @@ def read_json(path: Path) -> dict | None:
     return obj
 
 
-def load_run(source: str | os.PathLike, prefix: str = "v42", name: str | None = None) -> RunRecord:
+def load_run(source: str | os.PathLike, prefix: str = DEFAULT_PREFIX, name: str | None = None) -> RunRecord:
     """One run from a log file or a run folder, with the folder's OOF, predictions, metrics and config.
 
     Raises ``LogError`` when a given log has no usable line, or a folder holds neither a log nor results.
@@ -309,7 +309,7 @@ def load_run(source: str | os.PathLike, prefix: str = "v42", name: str | None = 
     return run
 
 
-def load_runs(sources: list[str | os.PathLike], prefix: str = "v42") -> list[RunRecord]:
+def load_runs(sources: list[str | os.PathLike], prefix: str = DEFAULT_PREFIX) -> list[RunRecord]:
     """Several runs; names made unique (folder/file) so legends tell them apart."""
     runs = [load_run(s, prefix) for s in sources]
     names = [r.name for r in runs]

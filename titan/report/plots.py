@@ -23,6 +23,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..checkpoints import atomic_write  # noqa: E402
 from .logparse import RunRecord  # noqa: E402
+from ..infer.calibration import decide  # noqa: E402
 from ..metrics import average_precision, confusion, ranked_counts, roc_auc  # noqa: E402
 
 log = logging.getLogger("titan")
@@ -203,7 +204,7 @@ def plot_roc_pr(runs: Sequence[RunRecord], path: str | os.PathLike) -> Path | No
     fig, (a_roc, a_pr) = plt.subplots(1, 2, figsize=(12.4, 5.2))
     for i, run, y, p in data:
         th, _ = run.decision_threshold()
-        pred = p >= th
+        pred = decide(p, th)
         c = confusion(y, pred)
         fpr, tpr = roc_points(y, p)
         color = f"C{i % 10}"
@@ -244,7 +245,8 @@ def plot_f1_threshold(runs: Sequence[RunRecord], path: str | os.PathLike) -> Pat
         # F1 is constant between distinct scores: a step that holds each value up to the next score.
         ax.step(np.r_[0.0, ths, 1.0], np.r_[f1[0], f1, 0.0], where="pre", color=color, lw=2, label=run.name)
         th, kind = run.decision_threshold()
-        f1_at = f1[np.searchsorted(ths, th, side="left")] if th <= ths[-1] else 0.0
+        at = int(np.searchsorted(ths, th, side="left"))  # past the last candidate: nothing flagged, F1 0
+        f1_at = f1[at] if at < len(ths) else 0.0
         ax.axvline(th, color=color, ls="--", lw=1.2)
         ax.plot([th], [f1_at], "o", color=color, markeredgecolor="black", markersize=8,
                 label=f"threshold {th:.3f} ({kind}) → F1 {f1_at:.4f}")
@@ -262,7 +264,7 @@ def plot_confusion(runs: Sequence[RunRecord], path: str | os.PathLike) -> Path |
     fig, axes = plt.subplots(1, len(data), figsize=(4.8 * len(data), 4.6), squeeze=False)
     for ax, (_, run, y, p) in zip(axes[0], data):
         th, kind = run.decision_threshold()
-        c = confusion(y, p >= th)
+        c = confusion(y, decide(p, th))
         m = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
         rows = m.sum(1, keepdims=True)
         ax.imshow(m / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
@@ -295,7 +297,7 @@ def plot_test_histogram(runs: Sequence[RunRecord], path: str | os.PathLike) -> P
         p = run.predictions["prob"].to_numpy(dtype=float)
         color = f"C{i % 10}"
         th = run.threshold()
-        n_fake = int((p >= th).sum())
+        n_fake = int(decide(p, th).sum())
         one = len(data) == 1  # one run: filled bars; several: outlines that stay visible when overlaid
         ax.hist(p, bins=bins, color=color, alpha=0.4 if one else 1.0, edgecolor=color,
                 histtype="stepfilled" if one else "step", lw=1.8,
@@ -414,3 +416,28 @@ def plot_robustness(table, name: str, unit: str, clean: dict[str, float], path: 
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+# --- diamonds ---------------------------------------------------------------------------------------
+
+def save_histogram_png(probs: np.ndarray, hi: float, lo: float, path: str | os.PathLike, title: str = "") -> Path:
+    """The test set's ensemble P(fake) on a log-count histogram, with the diamond thresholds marked."""
+    p = np.asarray(probs, dtype=np.float64)
+    p = p[np.isfinite(p)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(p, bins=50, range=(0, 1), color="#4c72b0")
+    for t, c, lab in ((lo, "#2ca02c", f"real < {lo:g}"), (hi, "#d62728", f"fake > {hi:g}")):
+        ax.axvline(t, color=c, linestyle="--", label=lab)
+    ax.set_yscale("log" if p.size > 50 else "linear")  # the tails dwarf the middle
+    ax.set_xlabel("ensemble P(fake)")
+    ax.set_ylabel("test images")
+    ax.set_title(title or "Test-set probabilities and diamond thresholds")
+    ax.legend(loc="upper center")
+    return save(fig, path)
+
+
+def diamond_histogram(summary, hi: float, lo: float) -> Path:
+    """make_diamonds' histogram PNG (``summary``: its ``DiamondSummary``), at ``summary.histogram_png``."""
+    return save_histogram_png(summary.probs, hi, lo, summary.histogram_png,
+                              f"{summary.n_folds} fold(s), {summary.n_scored} test faces: "
+                              f"{summary.n_fake} fake + {summary.n_real} real diamonds")

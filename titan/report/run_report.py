@@ -15,6 +15,7 @@ from .logparse import RunRecord, load_runs
 from ..metrics import binary_metrics
 from ..checkpoints import atomic_write
 from ..config import ScriptOptions, option
+from ..runfiles import DEFAULT_PREFIX, TEST_FACES
 from .plots import plot_all
 
 log = logging.getLogger("titan")
@@ -113,13 +114,13 @@ class ReportOptions(ScriptOptions):
 
     runs: list[str] = option(help="log files or run folders to plot (overlaid)", positional=True, default_factory=lambda: ["."])
     out: str = option("plots", "folder for the PNGs and report.md")
-    prefix: str = option("v42", "file prefix: training_{prefix}_log.*, oof_{prefix}.csv, {prefix}_*_fold{k}.pth")
+    prefix: str = option(DEFAULT_PREFIX, "file prefix: training_{prefix}_log.*, oof_{prefix}.csv, {prefix}_*_fold{k}.pth")
     explain: int = option(0, "Grad-CAM gallery of N test faces (0 = off)")
     weights_dir: str = option(".", "fold weights and predictions_{prefix}.csv for --explain")
-    test_dir: str = option("data/faces_512/test", "test face crops for --explain")
+    test_dir: str = option(TEST_FACES, "test face crops for --explain")
     img_size: int = option(0, "--explain input size (0: the folds' own, from their metadata)")
-    force_img_size: bool = option(False, "--explain at --img-size even when the folds were trained at another size",
-                                  switch=True)
+    force_preprocessing: bool = option(False, "--explain at --img-size even when the folds were trained at another size",
+                                       aliases=("--force-img-size",))
     device: str = option("cpu", "--explain device (cpu, cuda, auto)")
 
 
@@ -138,7 +139,7 @@ def make_report(opts: ReportOptions) -> dict[str, Path]:
         from .gradcam import explain_gallery
 
         figures["gradcam.png"] = explain_gallery(Path(out_dir) / "gradcam.png", opts.explain, opts.weights_dir, prefix,
-                                                 opts.test_dir, opts.img_size, opts.device, opts.force_img_size)
+                                                 opts.test_dir, opts.img_size, opts.device, opts.force_preprocessing)
         log.info("wrote %s", figures["gradcam.png"])
     figures["report.md"] = write_report(runs, [n for n in figures], out_dir)
     log.info("wrote %s", figures["report.md"])

@@ -26,7 +26,7 @@ from ..data.images import ImageIndex
 from ..device import autocast, fit_batch, peak_memory_gib, release_memory, reset_peak_memory, synchronize, to_float_image
 from ..infer.resilient import ImagesToScore, ResilientPredictor, score_batches, scoring_loader
 from ..infer.submission import raw_test_index, test_set
-from ..infer.tta import parse_tta
+from ..infer.tta import resolve_tta
 from ..models.archs import resolve_arch
 from ..models.classifier import FoldModel
 from ..runlog import RunLog
@@ -163,10 +163,10 @@ def estimate_infer(r: TrainSession, steps: int, work, model: torch.nn.Module | N
     loader = TimedLoader(scoring_loader(dataset, cfg.infer_batch_size, cfg.num_workers, dev,
                                         [int(perm[i % len(perm)]) for i in range(n)]))
     reset_peak_memory(dev)
-    predictor = ResilientPredictor([model.eval()], ["estimate"], dev, parse_tta(cfg.tta), cfg.infer_batch_size, cfg.amp)
+    predictor = ResilientPredictor([model.eval()], ["estimate"], dev, resolve_tta(cfg.tta), cfg.infer_batch_size, cfg.amp)
     score_batches(predictor, loader, len(dataset), progress=False)
     synchronize(dev)
-    row = timed_cost(f"TTA inference ×{len(parse_tta(cfg.tta))}", loader, 1, work, peak_memory_gib(dev), r.env.world_size)
+    row = timed_cost(f"TTA inference ×{len(resolve_tta(cfg.tta))}", loader, 1, work, peak_memory_gib(dev), r.env.world_size)
     row.notes += [f"images/s of one fold (every view); the projection counts {cfg.n_folds} folds"] + predictor.notes
     return row
 

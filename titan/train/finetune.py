@@ -25,7 +25,9 @@ from ..data.sbi import SelfBlend
 from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
-from ..infer.calibration import calibrate_oof
+from ..data.align import read_align_settings
+from ..infer.calibration import calibrate_oof, probability
+from ..infer.record import Preprocessing
 from ..metrics import binary_metrics, format_metrics
 from ..models.archs import build_arch_backbone, default_start, load_init_weights, resolve_arch
 from ..models.classifier import Classifier
@@ -163,7 +165,7 @@ def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
     """The meta of a finished fold (its files and OOF rows all written) made from ``inputs``, else
     None; a fold made from other labels or images is retrained (logged)."""
     meta_path = r.files.fold("meta", k)
-    files = [r.files.fold("backbone", k), r.files.fold("head", k), r.ckpt / f"oof_fold{k}.csv"]
+    files = [r.files.fold("backbone", k), r.files.fold("head", k), r.files.fold_oof(k, r.ckpt)]
     if not meta_path.is_file() or not all(p.is_file() for p in files):
         return None
     meta = load_file(meta_path)
@@ -229,7 +231,7 @@ def validate(r: TrainSession, model, d: FoldData) -> tuple[dict, float, np.ndarr
     """(metrics, validation loss, dataset indices, probabilities) on the fold's validation rows."""
     idx, logits = predict_logits(model, d.val_loader, r.env, r.cfg.amp, r.images)
     y = d.val.target_feature.to_numpy()[idx]
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    probs = probability(logits)
     val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(), torch.from_numpy(y).double()))
     return binary_metrics(y, probs), val_loss, idx, probs
 
@@ -324,16 +326,25 @@ def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> No
     """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta."""
     cfg, m, sd = r.cfg, best["metrics"], best["model"]
     arch = resolve_arch(cfg.arch, cfg.variant)
-    ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]))
+    ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
+                 preprocessing=fold_record(r).to_dict())
     for part in ("backbone", "head"):
         part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
         save_checkpoint(part_sd, r.files.fold(part, k), **ident, metrics={kk: float(v) for kk, v in m.items()},
                         config=dataclasses.asdict(cfg))
     oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
-    atomic_write(r.ckpt / f"oof_fold{k}.csv", lambda tmp: oof.to_csv(tmp, index=False))
+    atomic_write(r.files.fold_oof(k, r.ckpt), lambda tmp: oof.to_csv(tmp, index=False))
     save_atomic({"th": float(m["threshold"]), "f1": float(m["f1"]), "auc": float(m["roc_auc"]), "ap": float(m["ap"]),
                  **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "inputs": inputs, "complete": True},
                 r.files.fold("meta", k))
+
+
+def fold_record(r: TrainSession) -> Preprocessing:
+    """What every fold of this run records it was trained on (``titan.infer.record``): the crop is
+    the training faces' align_settings.json (none recorded when they have none)."""
+    cfg = r.cfg
+    crop = read_align_settings(face_dirs(cfg)[0])
+    return Preprocessing.for_training(resolve_arch(cfg.arch, cfg.variant).name, cfg.img_size, cfg.tta, crop)
 
 
 def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -> dict:
@@ -341,7 +352,7 @@ def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -
     parts, folds = [], []
     for k in range(r.cfg.n_folds):
         meta = fold_done(r, k, inputs)
-        parts.append(pd.read_csv(r.ckpt / f"oof_fold{k}.csv", dtype={"Id": str}))
+        parts.append(pd.read_csv(r.files.fold_oof(k, r.ckpt), dtype={"Id": str}))
         folds.append({"fold": k, "best_epoch": int(meta["epoch"]), "f1": meta["f1"], "th": meta["th"],
                       "auc": meta["auc"], "ap": meta["ap"]})
     real = df[~df.is_pseudo][["Id", "target_feature"]]

@@ -8,6 +8,7 @@ writes files and logs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -18,10 +19,12 @@ import torch
 from ..config import ScriptOptions, TrainConfig, option, save_config
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
+from ..data.align import read_align_settings
 from ..infer.folds import FoldSet
-from ..infer.resilient import ImagesToScore, Scores, score_images
-from ..infer.submission import fill_unscored, raw_test_index, submission_frame, test_set, write_predictions, write_submission
-from ..infer.tta import parse_tta
+from ..infer.record import CROP, Preprocessing
+from ..infer.resilient import Scores
+from ..infer.scorer import score_fold_set
+from ..infer.submission import raw_test_index, submission_frame, test_set, write_predictions, write_submission
 from . import distributed
 from .finetune import assign_folds, load_labels, run_finetune
 from .estimate import estimate, with_auto_batch
@@ -77,8 +80,10 @@ def preflight(r: TrainSession, stages: Sequence[str], probe_writable: bool = Tru
     return None
 
 
-def inference_folds(r: TrainSession) -> FoldSet:
-    """The run's fold set, with what it leaves out said in the log; refuses a size it was not trained at."""
+def inference_folds(r: TrainSession) -> tuple[FoldSet, Preprocessing]:
+    """The run's fold set, with what it leaves out said in the log, and its resolved preprocessing:
+    the run's --img-size and --tta, and the crop of the test faces (their align_settings.json) checked
+    against what the folds were trained on (a mismatch is refused unless --force-preprocessing)."""
     fs = FoldSet.from_folder(r.out, r.files.prefix, n_folds=r.cfg.n_folds)
     for name, why in fs.skipped:
         r.log.info(f"NOTICE: ignoring {name}: {why}")
@@ -87,8 +92,10 @@ def inference_folds(r: TrainSession) -> FoldSet:
     if len(fs.folds) < r.cfg.n_folds:
         r.log.info(f"NOTICE: using {len(fs.folds)} of {r.cfg.n_folds} folds ({', '.join(fs.names)}); "
                    f"the others have no files in {r.out}")
-    fs.input_size(r.cfg.img_size, r.cfg.force_img_size, r.log.info)
-    return fs
+    crop = read_align_settings(Path(r.cfg.faces_dir) / "test") or {}
+    prep = fs.resolve(img_size=r.cfg.img_size, tta=r.cfg.tta, force=r.cfg.force_preprocessing, say=r.log.info,
+                      **{k: crop[k] for k in CROP if crop.get(k) is not None})
+    return fs, prep
 
 
 def gather_scores(env: distributed.DistEnv, mine: np.ndarray, scores: Scores) -> Scores:
@@ -110,29 +117,24 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
     folds, their input size and the threshold come from the fold set (``titan.infer.folds``)."""
     with session(cfg, run) as r:
         env, log = r.env, r.log
-        fs = inference_folds(r)
-        views = parse_tta(cfg.tta)
+        fs, prep = inference_folds(r)
         test_dir = Path(cfg.faces_dir) / "test"
         crops = ImageIndex(test_dir) if test_dir.is_dir() else None
         ids = test_set(raw_test_index(cfg.raw_test_dir), crops, log.info)
         if not ids:
             raise FileNotFoundError(f"no test images: neither {cfg.raw_test_dir} nor {test_dir} holds any; "
                                     "run align_faces.py, or set --raw-test-dir / --faces-dir")
-        log.info(f"inference: {len(ids)} test images × {fs.describe()} × TTA {views}")
+        log.info(f"inference: {len(ids)} test images × {fs.describe()} × TTA {list(prep.tta)} at {prep.img_size} px")
 
         mine = np.arange(env.rank, len(ids), env.world_size)  # each rank scores a strided share
-        share = score_images(fs.folds, ImagesToScore([ids[i] for i in mine], crops, fs.img_size[0]), cfg.infer_batch_size,
-                             str(env.device), views, cfg.amp, cfg.num_workers, progress=env.is_main)
-        scores = gather_scores(env, mine, share)
-        for name in scores.drop_nonfinite_folds():
-            log.info(f"WARNING: {name} gave non-finite scores; left out")
-        th, th_note = fs.threshold(used=scores.fold_names)
-        log.info(f"threshold {th:.4f} ({th_note})")
-        prob = scores.probabilities()
-        filled = fill_unscored(ids, prob, th, scores.failure_reasons())
+        scored = score_fold_set(fs, prep, ids, crops, batch_size=cfg.infer_batch_size, device=str(env.device),
+                                amp=cfg.amp, num_workers=cfg.num_workers, progress=env.is_main,
+                                share=(mine, partial(gather_scores, env)), say=log.info)
+        th = scored.calibration.threshold
+        log.info(f"threshold {th:.4f} ({scored.threshold_note})")
+        prob, filled = scored.prob, scored.filled()
         if env.is_main:
-            write_predictions(r.files.predictions_csv, ids, prob,
-                              {n: 1.0 / (1.0 + np.exp(-lg.astype(np.float64))) for n, lg in zip(scores.fold_names, scores.logits)})
+            write_predictions(r.files.predictions_csv, ids, prob, scored.fold_probabilities())
             write_submission(r.files.submission_csv, ids, filled.labels, ids)
             atomic_write(r.files.submission_issues_csv, lambda tmp: filled.issues.to_csv(tmp, index=False))
         for _, row in filled.issues.head(10).iterrows():
@@ -149,7 +151,7 @@ class StageOptions(ScriptOptions):
 
     stages: str = option(",".join(STAGES), "comma-separated stages to run, in pipeline order")
     estimate: bool = option(False, "time a short warm stretch of each stage and print the projected cost; "
-                                   "writes nothing but estimate_v42_log.txt/.jsonl", switch=True)
+                                   "writes nothing but estimate_v42_log.txt/.jsonl")
     estimate_steps: int = option(8, "with --estimate: timed micro-batches per stage, after one warm-up window")
 
     def __post_init__(self) -> None:  # a typo is a usage error before anything runs

@@ -20,12 +20,12 @@ from ..data.fingerprint import changed_inputs
 from ..data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
 from ..device import to_float_image, use_channels_last
 from ..models.archs import resolve_arch
-from ..runfiles import RunFiles
+from ..runfiles import DEFAULT_PREFIX, RunFiles
 from ..runlog import RunLog
 from . import distributed, state
 from .distributed import DistEnv
 
-PREFIX = "v42"
+PREFIX = DEFAULT_PREFIX
 
 
 @dataclass

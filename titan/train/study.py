@@ -23,6 +23,7 @@ from ..models.archs import build_arch_backbone, parse_arch
 from ..checkpoints import atomic_write
 from ..config import TrainConfig, make_config
 from ..models.heads import build_head
+from ..runfiles import DATASET_DIR, FACES_DIR, TRAIN_CSV, log_files
 from ..runlog import RunLog
 
 DEFAULT_ARCHS = ("mobilenetv2", "effnet-b3-fpn-cbam", "titan-atto")
@@ -44,14 +45,14 @@ def find_data(root: str | os.PathLike, faces: Path) -> StudyData:
     """The README layout under ``root``: face crops in data/faces_512/train when align_faces.py ran,
     else the raw data/dataset/train_images (linked as ``{faces}/train``, uncropped)."""
     root = Path(root)
-    labels = root / "data/dataset/train_solution.csv"
+    labels = root / TRAIN_CSV
     if not labels.is_file():
         raise FileNotFoundError(f"{labels} not found: --data must hold the README layout "
                                 "(data/dataset/train_solution.csv with data/faces_512/train/ or data/dataset/train_images/)")
-    crops = root / "data/faces_512"
+    crops = root / FACES_DIR
     if (crops / "train").is_dir():
         return StudyData(crops, labels, f"face crops from {crops}/train")
-    raw = root / "data/dataset/train_images"
+    raw = root / DATASET_DIR / "train_images"
     if not raw.is_dir():
         raise FileNotFoundError(f"neither {crops}/train nor {raw} exists under --data {root}")
     faces.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,7 @@ def find_data(root: str | os.PathLike, faces: Path) -> StudyData:
 
 def build_demo(out: Path, log: RunLog) -> Path:
     """``python -m titan.demo --out OUT`` (once): the default data set of the study."""
-    if (out / "data/dataset/train_solution.csv").is_file():
+    if (out / TRAIN_CSV).is_file():
         return out
     if not (Path(__file__).with_name("demo.py")).is_file():
         raise FileNotFoundError("the demo set builder (titan/demo/) is not installed; pass --data DIR "
@@ -118,7 +119,7 @@ def run_study(archs: Sequence[str], data: StudyData, out: str | os.PathLike, pre
     """Train every arch on the same folds and budget → the table (also ``archs.csv`` / ``archs.md`` in ``out``)."""
     out = Path(out)
     budget = dict(budget or {})
-    log = log or RunLog(out / "compare_archs_log.txt", out / "compare_archs_log.jsonl")
+    log = log or RunLog(*log_files(out, "compare_archs"))
     for a in archs:
         parse_arch(a)  # every name valid before hours of training
     rows = []
