@@ -24,7 +24,7 @@ from ..data.augment import augment_batch, build_augment
 from ..data.sbi import SelfBlend
 from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
-from ..data.labels import LabelCSVError, read_labels
+from ..data.labels import GROUP, LabelCSVError, group_codes, has_groups, read_labels
 from ..infer.calibration import calibrate_oof
 from ..metrics import binary_metrics, format_metrics
 from ..models.archs import build_arch_backbone, default_start, load_init_weights, resolve_arch
@@ -76,24 +76,78 @@ def load_labels(cfg: TrainConfig, log: RunLog) -> pd.DataFrame:
 
 
 def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
-    """Fold of each row: stratified over the real rows only; pseudo rows get -1 (train-only)."""
+    """Fold of each row: stratified over the real rows only; pseudo rows get -1 (train-only).
+
+    With groups (the label CSV's ``group`` column) the split is stratified *group* k-fold: no
+    group has rows on both sides, so the OOF metrics, threshold and temperature come from groups
+    training never saw. Without groups it is exactly the plain stratified split."""
     from sklearn.model_selection import StratifiedKFold
 
     fold = np.full(len(df), -1, dtype=int)
     real = np.flatnonzero(~df.is_pseudo.to_numpy())
     y = df.target_feature.to_numpy()[real]
     counts = np.bincount(y, minlength=2)
+    source = df.attrs.get("source", "the label CSV")
     if counts.min() == 0:
         only = "real (0)" if counts[0] else "fake (1)"
-        raise ValueError(f"{df.attrs.get('source', 'the label CSV')}: both classes are needed: every one of the "
+        raise ValueError(f"{source}: both classes are needed: every one of the "
                          f"{len(real)} labelled rows is {only}; add images of the other class")
+    if has_groups(df.iloc[real]):
+        fold[real] = group_folds(df.iloc[real].reset_index(drop=True), n_folds, seed, source)
+        return fold
     least = int(counts.min())
     if n_folds < 2 or least < n_folds:
-        raise ValueError(f"{df.attrs.get('source', 'the label CSV')}: cannot make {n_folds} stratified folds: "
+        raise ValueError(f"{source}: cannot make {n_folds} stratified folds: "
                          f"the rarer class has {least} real row(s); "
                          "need n_folds ≥ 2 and at least n_folds rows of each class (lower --n-folds)")
     for k, (_, va) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(real, y)):
         fold[real[va]] = k
+    return fold
+
+
+def _group_names(rows: pd.DataFrame, limit: int = 10) -> str:
+    """The groups of ``rows`` for a message: their names, a blank one as the Id it stands for."""
+    names = sorted({g if g else f"(no group: Id {i})" for g, i in zip(rows[GROUP], rows.Id)})
+    return ", ".join(repr(n) for n in names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def group_fold_limit(df: pd.DataFrame) -> int:
+    """The most folds the labelled rows' groups can fill with both classes: the fewer of the groups
+    holding a real row and those holding a fake row (every row counts as a group without groups)."""
+    real = df[~df.is_pseudo.to_numpy()]
+    groups, y = group_codes(real), real.target_feature.to_numpy()
+    return int(min(len(np.unique(groups[y == c])) for c in (0, 1)))
+
+
+def group_folds(real: pd.DataFrame, n_folds: int, seed: int, source: str = "the label CSV") -> np.ndarray:
+    """The fold of each labelled row, by stratified group k-fold (shuffled with ``seed``); refuses,
+    naming the groups and the fix, when the groups cannot give every fold both classes."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups, y = group_codes(real), real.target_feature.to_numpy()
+    n_groups = len(np.unique(groups))
+    if n_folds < 2 or n_groups < n_folds:
+        raise ValueError(f"{source}: cannot make {n_folds} group folds: the {len(real)} labelled rows hold "
+                         f"{n_groups} group(s) (a row with a blank group is a group of its own); need n_folds ≥ 2 "
+                         f"and at least n_folds groups: lower --n-folds to at most {n_groups}, or add images from more groups")
+    for c, name in ((1, "fake (1)"), (0, "real (0)")):
+        holding = real[y == c]
+        n_c = len(np.unique(groups[y == c]))
+        if n_c < n_folds:
+            raise ValueError(f"{source}: cannot make {n_folds} group folds with both classes in each: only {n_c} "
+                             f"group(s) hold {name} rows ({_group_names(holding)}), so some fold would validate "
+                             f"without one; use --n-folds {max(n_c, 2)} or fewer, or add {name.split()[0]} images "
+                             "from more groups")
+    fold = np.full(len(real), -1, dtype=int)
+    splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+    for k, (_, va) in enumerate(splitter.split(np.zeros(len(real)), y, groups)):
+        fold[va] = k
+    for k in range(n_folds):
+        missing = [name for c, name in ((0, "real (0)"), (1, "fake (1)")) if not (y[fold == k] == c).any()]
+        if missing:
+            raise ValueError(f"{source}: group fold {k} would hold no {missing[0]} rows: its groups are "
+                             f"{_group_names(real[fold == k])}; the groups are too few or too lopsided for "
+                             f"{n_folds} folds: lower --n-folds, or add {missing[0].split()[0]} images from more groups")
     return fold
 
 
