@@ -27,7 +27,7 @@ from ..data.images import ImageIndex
 from ..data.labels import GROUP, LabelCSVError, group_codes, has_groups, read_labels
 from ..infer.calibration import calibrate_oof
 from ..metrics import binary_metrics, format_metrics
-from ..models.archs import build_arch_backbone, default_start, load_init_weights, resolve_arch
+from ..models.archs import arch_input, build_arch_backbone, default_start, load_init_weights, resolve_arch
 from ..models.classifier import Classifier
 from ..models.convnextv2 import keep_stem_highpass
 from ..models.heads import build_head
@@ -37,7 +37,7 @@ from .epoch import EpochStats, predict_logits, train_one_epoch
 from .session import TrainSession, face_dirs, resolved_identity, session
 
 # A finished fold whose files were written with other values of these is not reused.
-FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed")
+FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed", "input")
 
 
 # --- labels and folds -------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.nda
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
     """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
     arch = resolve_arch(cfg.arch, cfg.variant)
-    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem, cfg.img_size)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem, cfg.img_size, cfg.input)
     if cfg.init_weights:
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
@@ -378,7 +378,8 @@ def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> No
     """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta."""
     cfg, m, sd = r.cfg, best["metrics"], best["model"]
     arch = resolve_arch(cfg.arch, cfg.variant)
-    ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]))
+    ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
+                 input=arch_input(arch, cfg.input))  # inference rebuilds this input (titan.models.frequency)
     for part in ("backbone", "head"):
         part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
         save_checkpoint(part_sd, r.files.fold(part, k), **ident, metrics={kk: float(v) for kk, v in m.items()},
