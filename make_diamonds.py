@@ -6,7 +6,8 @@
 Inputs:  fold weights titan_backbone_fold[0-4].pth + titan_head_fold[0-4].pth in --weights-dir
          (or --backbones/--heads globs; v42_meta_fold{k}.pth read when present),
          test faces data/faces_512/test, originals data/dataset/train_solution.csv.
-Outputs: train_diamond.csv (Id,target_feature,is_pseudo: original rows, then the diamonds),
+Outputs: train_diamond.csv (Id,target_feature,is_pseudo: original rows, then the diamonds;
+         a group column of --train-csv is kept, blank for the diamonds),
          beside it train_diamond_scores.csv (Id,prob for every test face),
          train_diamond_hist.png and train_diamond_log.txt/.jsonl.
 """

@@ -12,7 +12,7 @@ Command (README recipe; every config field is a flag, ``--help`` lists them):
         # mobilenetv2 | effnet-b3-fpn-cbam skip SSL; --init-weights PATH loads local ImageNet weights
 
 Inputs:  {faces_dir}/train/{Id}.jpg, {faces_dir}/test/{Id}.jpg (default data/faces_512);
-         train_csv (default train_diamond.csv: Id,target_feature,is_pseudo), falling back to
+         train_csv (default train_diamond.csv: Id,target_feature,is_pseudo[,group]), falling back to
          fallback_csv (data/dataset/train_solution.csv) with a logged notice.
 Outputs (in out_dir, default .): titan_v42_ssl.pth; v42_backbone_fold{k}.pth,
          v42_head_fold{k}.pth, v42_meta_fold{k}.pth; oof_v42.csv; metrics_v42.json;

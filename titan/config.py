@@ -32,6 +32,11 @@ class TrainConfig:
     dropout: float = 0.25
     drop_path: float = 0.0
     stem: str = "standard"  # standard (ConvNeXt V2) | highpass: stem filters kept zero-sum (TitanNet; from scratch on small data)
+    # what the CNN sees (titan.models.frequency.INPUTS; TitanNet and EfficientNet-Lite0): default = the arch's own
+    # (TitanNet rgb+fft+srm, Lite0 rgb); npr = the 2×2 nearest-resampling residual (Tan et al., CVPR'24); rgb+npr = 6 channels
+    input: str = field(default="default", metadata={
+        "choices": ("default", "rgb", "rgb+fft+srm", "npr", "rgb+npr"),
+        "help": "the backbone's input (TitanNet, EfficientNet-Lite0; recorded with each fold): default = the arch's own"})
     # schedule
     # "auto" sets auto_batch: the largest batch that fits (halving from batch × accum on OOM), accum raised to keep the product
     batch_size: int = field(default=8, metadata={"auto": "auto_batch"})

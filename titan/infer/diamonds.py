@@ -15,7 +15,7 @@ import pandas as pd
 from ..checkpoints import CheckpointError, atomic_write
 from ..config import option
 from ..data.images import ImageIndex
-from ..data.labels import read_labels
+from ..data.labels import GROUP, read_labels
 from ..runfiles import DIAMOND_CSV, TRAIN_CSV, RunFiles
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files, pair_globs
@@ -80,9 +80,12 @@ def select_diamonds(ids, probs, hi: float = 0.995, lo: float = 0.005, max_per_cl
 
 
 def training_rows(train: pd.DataFrame, diamonds: pd.DataFrame) -> pd.DataFrame:
-    """The original rows (is_pseudo=False) followed by the diamonds (is_pseudo=True)."""
+    """The original rows (is_pseudo=False) followed by the diamonds (is_pseudo=True). A ``group``
+    column is kept: original rows keep theirs, diamonds get a blank one (they only ever train)."""
     orig = train[["Id", "target_feature"]].assign(is_pseudo=False)
     new = diamonds[["Id", "target_feature"]].assign(is_pseudo=True)
+    if GROUP in train.columns:
+        orig, new = orig.assign(**{GROUP: train[GROUP].to_numpy()}), new.assign(**{GROUP: ""})
     return pd.concat([orig, new], ignore_index=True)
 
 

@@ -9,6 +9,8 @@ report all ask here. The rules (also in the README, "Fold sets"):
 - **Architecture, variant, head**: recorded in the metadata, else read off the weights (a
   ConvNeXt V2 variant by its depths and widths, a head by its keys). Every fold must agree;
   folds that do not are an error naming each file.
+- **Input** (what the backbone makes of the RGB: ``titan.models.frequency.INPUTS``): the fold's
+  recorded ``input``, else (folds from before ``--input``) the architecture's own.
 - **Preprocessing** (``preprocessing``, ``resolve``): each fold's record (``titan.infer.record``:
   input size, normalisation, crop, TTA, calibration); every fold that records a value must agree
   (else an error naming the files). ``resolve`` is the one place a consumer's flags meet the record:
@@ -42,9 +44,9 @@ from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_di
 from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
 from .record import DEFAULT_IMG_SIZE, SEEN, Preprocessing, PreprocessingError, resolve_preprocessing
 from ..metrics import best_f1_threshold
-from ..models.archs import build_arch_backbone, parse_arch
+from ..models.archs import arch_input, build_arch_backbone, parse_arch
 from ..models.classifier import FoldModel
-from ..models.convnextv2 import build_backbone, variant_of
+from ..models.convnextv2 import variant_of
 from ..models.heads import build_head, head_of
 from ..runfiles import DEFAULT_PREFIX, RunFiles, fold_number
 
@@ -137,18 +139,21 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
             log.warning("%s", notes[-1])
     arch = arch or meta.get("arch") or ""
     head = head or head_of(hsd)
+    inp = meta.get("input") or "default"  # the input it was trained on; none recorded: the arch's own
     if arch and not parse_arch(arch).variant:  # a baseline: its layout is named, not inferred
         # EfficientNet-Lite0's TF padding is built for the size it was trained at
         size = int(meta.get("img_size") or DEFAULT_IMG_SIZE)
-        backbone, variant = load_into(build_arch_backbone(arch, img_size=size), bsd), ""
+        backbone, variant = load_into(build_arch_backbone(arch, img_size=size, input_choice=inp), bsd), ""
     else:
         variant = variant or variant_of(bsd)  # the weights decide, not a name
-        backbone, arch = load_into(build_backbone(variant), bsd), f"titan-{variant}"
+        arch = f"titan-{variant}"
+        backbone = load_into(build_arch_backbone(arch, input_choice=inp), bsd)
     head_mod = load_into(build_head(head, backbone.num_features), hsd)
     th = meta.get("th", meta.get("threshold"))
     return Fold(files.name, FoldModel(backbone, head_mod).eval(), files, float(th) if th is not None else None,
-                {**_plain(meta), "arch": arch, "variant": variant, "head": head}, notes,
-                Preprocessing.from_meta({**meta, "arch": arch}))
+                 {**_plain(meta), "arch": arch, "variant": variant, "head": head,
+                  "input": arch_input(parse_arch(arch), inp)}, notes,
+                 Preprocessing.from_meta({**meta, "arch": arch}))
 
 
 def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Sequence[float | None] = (),

@@ -2,7 +2,8 @@
 
 Like timm's ``pretrained_cfg``, every fold's meta holds a ``"preprocessing"`` dict (``Preprocessing``):
 
-- ``arch``, ``img_size`` and the input normalisation (``mean``/``std`` of the RGB channels; the
+- ``arch``, ``input`` (what the backbone makes of the RGB: ``titan.models.frequency.INPUTS``),
+  ``img_size`` and the input normalisation (``mean``/``std`` of the RGB channels; the
   model applies it itself, so it is recorded to be read, never a flag);
 - the face crop the training faces were made with (``margin``, ``min_prob``, ``max_side``), as the
   faces folder's ``align_settings.json`` (``titan.data.align.SETTINGS_JSON``) says; faces without
@@ -51,6 +52,7 @@ class Preprocessing:
     are defaults), ``sources`` (after ``resolve_preprocessing``) where each value came from."""
 
     arch: str = ""
+    input: str = ""  # "" = the architecture's own (folds from before --input)
     img_size: int = DEFAULT_IMG_SIZE
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -65,11 +67,12 @@ class Preprocessing:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def for_training(cls, arch: str, img_size: int, tta: str, crop: Mapping[str, Any] | None) -> "Preprocessing":
+    def for_training(cls, arch: str, img_size: int, tta: str, crop: Mapping[str, Any] | None,
+                     input: str = "") -> "Preprocessing":
         """What a fold trained now records: ``crop`` is its faces' align_settings.json (None: not made
         by align_faces.py, so no crop is recorded)."""
         mean, std = input_normalisation(arch)
-        values = dict(arch=arch, img_size=int(img_size), mean=mean, std=std, tta=tuple(resolve_tta(tta)), oof_tta=OOF_TTA)
+        values = dict(arch=arch, input=input, img_size=int(img_size), mean=mean, std=std, tta=tuple(resolve_tta(tta)), oof_tta=OOF_TTA)
         for k in CROP if crop else ():
             if crop.get(k) is not None:
                 values[k] = type(getattr(cls, k))(crop[k])
@@ -99,6 +102,8 @@ class Preprocessing:
             if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
                 values["img_size"] = int(size)
         arch = values.get("arch") or meta.get("arch") or ""
+        if "input" not in values and isinstance(meta.get("input"), str):
+            values["input"] = meta["input"]
         if arch and "mean" not in values:
             values["mean"], values["std"] = input_normalisation(arch)
         recorded = frozenset(values)
@@ -112,7 +117,7 @@ class Preprocessing:
     def describe(self) -> str:
         def src(k: str) -> str:
             return f" ({self.sources[k]})" if k in self.sources else ""
-        return (f"input {self.img_size} px{src('img_size')}, normalisation mean {list(self.mean)} std {list(self.std)}, "
+        return (f"input {self.input + ' ' if self.input else ''}{self.img_size} px{src('img_size')}, normalisation mean {list(self.mean)} std {list(self.std)}, "
                 f"crop margin {self.margin:g}{src('margin')} min_prob {self.min_prob:g}{src('min_prob')} "
                 f"max_side {self.max_side}{src('max_side')}, TTA {','.join(self.tta)}{src('tta')} "
                 f"(OOF and threshold: {','.join(self.oof_tta)})")

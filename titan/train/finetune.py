@@ -24,12 +24,12 @@ from ..data.augment import augment_batch, build_augment
 from ..data.sbi import SelfBlend
 from ..data.fingerprint import changed_inputs, images_digest, labels_digest
 from ..data.images import ImageIndex
-from ..data.labels import LabelCSVError, read_labels
+from ..data.labels import GROUP, LabelCSVError, group_codes, has_groups, read_labels
 from ..data.align import read_align_settings
 from ..infer.calibration import calibrate_oof, probability
 from ..infer.record import Preprocessing
 from ..metrics import binary_metrics, format_metrics
-from ..models.archs import build_arch_backbone, default_start, load_init_weights, resolve_arch
+from ..models.archs import arch_input, build_arch_backbone, default_start, load_init_weights, resolve_arch
 from ..models.classifier import Classifier
 from ..models.convnextv2 import keep_stem_highpass
 from ..models.heads import build_head
@@ -39,7 +39,7 @@ from .epoch import EpochStats, predict_logits, train_one_epoch
 from .session import TrainSession, face_dirs, resolved_identity, session
 
 # A finished fold whose files were written with other values of these is not reused.
-FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed")
+FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed", "input")
 
 
 # --- labels and folds -------------------------------------------------------------------------------
@@ -78,24 +78,78 @@ def load_labels(cfg: TrainConfig, log: RunLog) -> pd.DataFrame:
 
 
 def assign_folds(df: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
-    """Fold of each row: stratified over the real rows only; pseudo rows get -1 (train-only)."""
+    """Fold of each row: stratified over the real rows only; pseudo rows get -1 (train-only).
+
+    With groups (the label CSV's ``group`` column) the split is stratified *group* k-fold: no
+    group has rows on both sides, so the OOF metrics, threshold and temperature come from groups
+    training never saw. Without groups it is exactly the plain stratified split."""
     from sklearn.model_selection import StratifiedKFold
 
     fold = np.full(len(df), -1, dtype=int)
     real = np.flatnonzero(~df.is_pseudo.to_numpy())
     y = df.target_feature.to_numpy()[real]
     counts = np.bincount(y, minlength=2)
+    source = df.attrs.get("source", "the label CSV")
     if counts.min() == 0:
         only = "real (0)" if counts[0] else "fake (1)"
-        raise ValueError(f"{df.attrs.get('source', 'the label CSV')}: both classes are needed: every one of the "
+        raise ValueError(f"{source}: both classes are needed: every one of the "
                          f"{len(real)} labelled rows is {only}; add images of the other class")
+    if has_groups(df.iloc[real]):
+        fold[real] = group_folds(df.iloc[real].reset_index(drop=True), n_folds, seed, source)
+        return fold
     least = int(counts.min())
     if n_folds < 2 or least < n_folds:
-        raise ValueError(f"{df.attrs.get('source', 'the label CSV')}: cannot make {n_folds} stratified folds: "
+        raise ValueError(f"{source}: cannot make {n_folds} stratified folds: "
                          f"the rarer class has {least} real row(s); "
                          "need n_folds ≥ 2 and at least n_folds rows of each class (lower --n-folds)")
     for k, (_, va) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(real, y)):
         fold[real[va]] = k
+    return fold
+
+
+def _group_names(rows: pd.DataFrame, limit: int = 10) -> str:
+    """The groups of ``rows`` for a message: their names, a blank one as the Id it stands for."""
+    names = sorted({g if g else f"(no group: Id {i})" for g, i in zip(rows[GROUP], rows.Id)})
+    return ", ".join(repr(n) for n in names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def group_fold_limit(df: pd.DataFrame) -> int:
+    """The most folds the labelled rows' groups can fill with both classes: the fewer of the groups
+    holding a real row and those holding a fake row (every row counts as a group without groups)."""
+    real = df[~df.is_pseudo.to_numpy()]
+    groups, y = group_codes(real), real.target_feature.to_numpy()
+    return int(min(len(np.unique(groups[y == c])) for c in (0, 1)))
+
+
+def group_folds(real: pd.DataFrame, n_folds: int, seed: int, source: str = "the label CSV") -> np.ndarray:
+    """The fold of each labelled row, by stratified group k-fold (shuffled with ``seed``); refuses,
+    naming the groups and the fix, when the groups cannot give every fold both classes."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups, y = group_codes(real), real.target_feature.to_numpy()
+    n_groups = len(np.unique(groups))
+    if n_folds < 2 or n_groups < n_folds:
+        raise ValueError(f"{source}: cannot make {n_folds} group folds: the {len(real)} labelled rows hold "
+                         f"{n_groups} group(s) (a row with a blank group is a group of its own); need n_folds ≥ 2 "
+                         f"and at least n_folds groups: lower --n-folds to at most {n_groups}, or add images from more groups")
+    for c, name in ((1, "fake (1)"), (0, "real (0)")):
+        holding = real[y == c]
+        n_c = len(np.unique(groups[y == c]))
+        if n_c < n_folds:
+            raise ValueError(f"{source}: cannot make {n_folds} group folds with both classes in each: only {n_c} "
+                             f"group(s) hold {name} rows ({_group_names(holding)}), so some fold would validate "
+                             f"without one; use --n-folds {max(n_c, 2)} or fewer, or add {name.split()[0]} images "
+                             "from more groups")
+    fold = np.full(len(real), -1, dtype=int)
+    splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+    for k, (_, va) in enumerate(splitter.split(np.zeros(len(real)), y, groups)):
+        fold[va] = k
+    for k in range(n_folds):
+        missing = [name for c, name in ((0, "real (0)"), (1, "fake (1)")) if not (y[fold == k] == c).any()]
+        if missing:
+            raise ValueError(f"{source}: group fold {k} would hold no {missing[0]} rows: its groups are "
+                             f"{_group_names(real[fold == k])}; the groups are too few or too lopsided for "
+                             f"{n_folds} folds: lower --n-folds, or add {missing[0].split()[0]} images from more groups")
     return fold
 
 
@@ -140,7 +194,7 @@ def class_balance(cfg: TrainConfig, y: np.ndarray) -> tuple[float | None, np.nda
 def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: float | None) -> Classifier:
     """The configured arch's backbone — from ``init_weights`` if set, else (Titan) the SSL weights — and head."""
     arch = resolve_arch(cfg.arch, cfg.variant)
-    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem, cfg.img_size)
+    backbone = build_arch_backbone(arch.name, cfg.drop_path, cfg.stem, cfg.img_size, cfg.input)
     if cfg.init_weights:
         log.info(load_init_weights(backbone, arch, cfg.init_weights))
     elif not arch.ssl:
@@ -327,7 +381,8 @@ def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> No
     cfg, m, sd = r.cfg, best["metrics"], best["model"]
     arch = resolve_arch(cfg.arch, cfg.variant)
     ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
-                 preprocessing=fold_record(r).to_dict())
+                 preprocessing=fold_record(r).to_dict(),
+                 input=arch_input(arch, cfg.input))  # inference rebuilds this input (titan.models.frequency)
     for part in ("backbone", "head"):
         part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
         save_checkpoint(part_sd, r.files.fold(part, k), **ident, metrics={kk: float(v) for kk, v in m.items()},
@@ -344,7 +399,8 @@ def fold_record(r: TrainSession) -> Preprocessing:
     the training faces' align_settings.json (none recorded when they have none)."""
     cfg = r.cfg
     crop = read_align_settings(face_dirs(cfg)[0])
-    return Preprocessing.for_training(resolve_arch(cfg.arch, cfg.variant).name, cfg.img_size, cfg.tta, crop)
+    arch = resolve_arch(cfg.arch, cfg.variant)
+    return Preprocessing.for_training(arch.name, cfg.img_size, cfg.tta, crop, arch_input(arch, cfg.input))
 
 
 def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -> dict:

@@ -20,6 +20,7 @@ from ..config import ScriptOptions, TrainConfig, option, save_config
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
 from ..data.align import read_align_settings
+from ..data.labels import group_codes, has_groups
 from ..infer.folds import FoldSet
 from ..infer.record import CROP, Preprocessing
 from ..infer.resilient import Scores
@@ -75,7 +76,9 @@ def preflight(r: TrainSession, stages: Sequence[str], probe_writable: bool = Tru
         df = load_labels(r.cfg, r.log)
         folds = assign_folds(df, r.cfg.n_folds, r.cfg.fold_seed)
         per_fold = [np.bincount(df.target_feature.to_numpy()[folds == k], minlength=2) for k in range(r.cfg.n_folds)]
-        r.log.info("checked before training: " + ", ".join(f"fold {k} {c[0]} real / {c[1]} fake" for k, c in enumerate(per_fold)))
+        n_groups = [len(np.unique(group_codes(df)[folds == k])) for k in range(r.cfg.n_folds)] if has_groups(df) else None
+        r.log.info("checked before training: " + ", ".join(f"fold {k} {c[0]} real / {c[1]} fake"
+                   + (f" / {n_groups[k]} groups" if n_groups else "") for k, c in enumerate(per_fold)))
         return df, folds
     return None
 

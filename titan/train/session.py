@@ -19,7 +19,7 @@ from ..config import TrainConfig, save_config
 from ..data.fingerprint import changed_inputs
 from ..data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
 from ..device import to_float_image, use_channels_last
-from ..models.archs import resolve_arch
+from ..models.archs import arch_input, resolve_arch
 from ..runfiles import DEFAULT_PREFIX, RunFiles
 from ..runlog import RunLog
 from . import distributed, state
@@ -126,11 +126,12 @@ def session(cfg: TrainConfig, run: TrainSession | None = None, estimate: bool = 
 
 def resolved_identity(c: dict) -> dict:
     """A config (or fold meta) dict with its architecture resolved: arch "" + variant "v42" is
-    "titan-v42"; files from before ``arch`` existed read as titan-<variant>; baselines have variant ""."""
+    "titan-v42"; files from before ``arch`` existed read as titan-<variant>; baselines have variant "";
+    the input is named as the fold records it (``arch_input``: files from before read as the arch's own)."""
     out = dict(c)
     if "variant" in c or "arch" in c:
         a = resolve_arch(c.get("arch") or "", c.get("variant") or "v42")
-        out.update(arch=a.name, variant=a.variant or "")
+        out.update(arch=a.name, variant=a.variant or "", input=arch_input(a, c.get("input") or "default"))
     return out
 
 

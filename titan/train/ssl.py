@@ -17,14 +17,14 @@ from ..config import TrainConfig
 from ..data.augment import augment_batch, build_augment
 from ..data.fingerprint import changed_inputs, images_digest
 from ..data.images import ImageIndex
-from ..models.archs import resolve_arch
+from ..models.archs import arch_input, resolve_arch
 from ..models.convnextv2 import build_backbone, keep_stem_highpass
 from ..models.simmim import SimMIM
 from . import distributed, optim, state
 from .epoch import EpochStats, train_one_epoch
-from .session import TrainSession, face_dirs, session
+from .session import TrainSession, face_dirs, resolved_identity, session
 
-SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio")
+SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio", "input")
 
 
 def ssl_data(r: TrainSession) -> tuple[ConcatDataset, dict[str, str]]:
@@ -45,6 +45,11 @@ def ssl_done(r: TrainSession, inputs: dict[str, str]) -> bool:
     meta = read_meta(path)
     if int(meta.get("epoch", -1)) < r.cfg.ssl_epochs:
         return False
+    have, now = (resolved_identity({"arch": "", **c})["input"] for c in (meta, dataclasses.asdict(r.cfg)))
+    if have != now:  # its stem takes another input: it would not load into this run's backbone
+        r.log.info(f"SSL: retraining — {path.name} was made for the {have} input, this run's is {now}")
+        state.remove_train_states(r.ckpt, "ssl")
+        return False
     changed = changed_inputs(meta.get("inputs"), inputs)
     if changed:
         r.log.info(f"SSL: retraining — the face images differ from those {path.name} was made from"
@@ -56,9 +61,11 @@ def ssl_done(r: TrainSession, inputs: dict[str, str]) -> bool:
 
 def ssl_model(r: TrainSession, variant: str, steps_per_epoch: int,
               notify: Callable[[str], None] | None = None) -> tuple[SimMIM, nn.Module, optim.Stepper]:
-    """(SimMIM around a fresh backbone, the same placed for the device, its stepper: AdamW, warm-up + cosine)."""
+    """(SimMIM around a fresh backbone, the same placed for the device, its stepper: AdamW, warm-up + cosine).
+    SimMIM reconstructs the backbone's input, whichever ``--input`` that is."""
     cfg, env = r.cfg, r.env
-    raw = SimMIM(build_backbone(variant, cfg.drop_path, cfg.stem), cfg.mask_patch, cfg.mask_ratio)
+    input_name = arch_input(resolve_arch(cfg.arch, cfg.variant), cfg.input)
+    raw = SimMIM(build_backbone(variant, cfg.drop_path, cfg.stem, input_name), cfg.mask_patch, cfg.mask_ratio)
     raw.encoder.norm.requires_grad_(False)  # the pooled-feature norm is unused by SimMIM (DDP needs every trained param used)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ssl_lr, cfg.ssl_weight_decay, cfg.ssl_warmup_epochs, cfg.ssl_epochs,
@@ -120,7 +127,8 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
 
         if env.is_main:
             save_checkpoint(raw.encoder, out_path, arch=arch.name, variant=arch.variant, img_size=cfg.img_size,
-                            epoch=cfg.ssl_epochs, metrics={"loss": loss}, config=dataclasses.asdict(cfg), inputs=inputs)
+                            input=arch_input(arch, cfg.input), epoch=cfg.ssl_epochs, metrics={"loss": loss},
+                            config=dataclasses.asdict(cfg), inputs=inputs)
             log.info(f"SSL done → {out_path}")
         distributed.barrier(env)
         return out_path
