@@ -17,6 +17,8 @@ from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork
 
 from .cbam import CBAM
+from .clip_vit import CLIP_ARCHS, ClipViT
+from .clip_weights import load_clip_weights, load_offline_clip
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
 from .efficientnet_lite import LITE0_ARCHS, EfficientNetLite0, load_lite0_weights, packaged_weights_path
@@ -86,16 +88,16 @@ class Arch:
 
 def parse_arch(name: str) -> Arch:
     """titan-v42 | titan-v38 | titan-<other variant> | mobilenetv2 | effnet-b3-fpn-cbam |
-    efficientnet-lite0 | efficientnet-lite0-9ch."""
+    efficientnet-lite0 | efficientnet-lite0-9ch | clip-vit-b16."""
     if name.startswith("titan-"):
         variant = name[len("titan-"):]
         if variant not in VARIANTS:
             raise ValueError(f"unknown arch {name!r}: titan variants are {sorted(VARIANTS)}")
         return Arch(name, "arcface" if variant == "v38" else "linear", True, variant)
-    if name in ("mobilenetv2", "effnet-b3-fpn-cbam", *LITE0_ARCHS):
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam", *LITE0_ARCHS, *CLIP_ARCHS):
         return Arch(name, "linear", False)
     raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2, effnet-b3-fpn-cbam, "
-                     f"{' or '.join(LITE0_ARCHS)}")
+                     f"{', '.join(LITE0_ARCHS)} or {', '.join(CLIP_ARCHS)}")
 
 
 def resolve_arch(arch: str, variant: str) -> Arch:
@@ -105,19 +107,26 @@ def resolve_arch(arch: str, variant: str) -> Arch:
 
 def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard", img_size: int = 512) -> nn.Module:
     """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem.
-    ``img_size`` is the input size EfficientNet-Lite0's TF-style padding is built for (others ignore it);
+    ``img_size`` is the input size EfficientNet-Lite0's TF-style padding and CLIP's position grid are built
+    for (CLIP ViT-B/16's own is 224; others ignore it);
     ``drop_path_rate`` is its drop-connect rate."""
     arch = parse_arch(name)
     if arch.variant:
         return build_backbone(arch.variant, drop_path_rate, stem)
     if name in LITE0_ARCHS:
         return EfficientNetLite0(3 if name == LITE0_ARCHS[0] else 9, img_size, drop_path_rate)
+    if name in CLIP_ARCHS:
+        return ClipViT.b16(img_size)
     return MobileNetV2Body() if name == "mobilenetv2" else EffNetB3FPNCBAM()
 
 
 def default_start(body: nn.Module, arch: Arch) -> str:
     """A baseline's start without ``--init-weights`` → a line for the run log: EfficientNet-Lite0
-    from the ImageNet weights its installed package ships, the others from random initialisation."""
+    from the ImageNet weights its installed package ships, CLIP ViT-B/16 from int8 weights fetched once
+    with pip (``clip_weights``; offline it raises ``ClipWeightsUnavailable``, a NOTICE saying how to get
+    them), the others from random initialisation."""
+    if arch.name in CLIP_ARCHS:
+        return load_offline_clip(body)
     if arch.name in LITE0_ARCHS:
         try:
             path = packaged_weights_path()
@@ -163,6 +172,8 @@ def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> s
         load_into(body, mapped)
         return (f"{arch.name}: backbone initialised from timm ConvNeXt V2 weights {path} (stem converted to the "
                 f"(x-0.5)/0.5 input; FFT/SRM input weights start at zero)" + "".join(f"; {n}" for n in notes))
+    if arch.name in CLIP_ARCHS:
+        return load_clip_weights(body, path)
     if arch.name in LITE0_ARCHS:
         load_lite0_weights(body, path)
         return f"{arch.name}: EfficientNet-Lite0 weights from {path}"
