@@ -155,7 +155,7 @@ class ClipViT(nn.Module):
 
 
 def freeze_except_layernorms(model: nn.Module) -> int:
-    """LayerNorm-only tuning (GenD: Yermakov et al. 2025): every parameter of ``model`` is frozen except
+    """LayerNorm-only tuning (as GenD, 2025, tunes CLIP's encoder): every parameter of ``model`` is frozen except
     the weights and biases of its LayerNorms. Apply it to the backbone (the head, outside it, stays
     trainable). Returns the number of trainable parameters left in ``model``."""
     for p in model.parameters():
@@ -180,20 +180,20 @@ def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images, views: Sequence[str] = ("identity",), batch_size: int = 16,
-          device: torch.device | str = "cpu", progress=None) -> torch.Tensor:
+def embed(model: nn.Module, images: torch.Tensor | np.ndarray | Iterable, views: Sequence[str] = ("identity",),
+          batch_size: int = 16, progress=None) -> torch.Tensor:
     """Embeddings of every TTA view of every image → float32 (len(views), N, num_features) on the CPU,
     computed batch-wise under no_grad in eval mode: the cache a frozen-encoder linear probe trains on.
 
     ``images``: uint8 (N,3,H,W) or (N,H,W,3), a float [0,1] tensor, or an iterable of such batches (e.g. a
     DataLoader; a batch may be an (images, labels) tuple). ``views``: names of ``titan.infer.tta`` (identity,
-    hflip, vflip, rot±DEG), applied to the [0,1] batch on ``device`` exactly as TTA at inference does.
+    hflip, vflip, rot±DEG), applied to the [0,1] batch on the model's device exactly as TTA at inference does.
     ``progress``: anything with ``update(n)`` (a tqdm bar), advanced by images done."""
     from ..device import to_float_image
     from ..infer.tta import parse_tta, tta_view  # the one owner of view names; imported late: models stay below infer
 
     views = parse_tta(list(views))
-    device = torch.device(device)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
