@@ -117,7 +117,7 @@ class Preprocessing:
     def describe(self) -> str:
         def src(k: str) -> str:
             return f" ({self.sources[k]})" if k in self.sources else ""
-        return (f"input {self.input + ' ' if self.input else ''}{self.img_size} px{src('img_size')}, normalisation mean {list(self.mean)} std {list(self.std)}, "
+        return (f"input {self.img_size} px{src('img_size')}{' ' + self.input if self.input else ''}, normalisation mean {list(self.mean)} std {list(self.std)}, "
                 f"crop margin {self.margin:g}{src('margin')} min_prob {self.min_prob:g}{src('min_prob')} "
                 f"max_side {self.max_side}{src('max_side')}, TTA {','.join(self.tta)}{src('tta')} "
                 f"(OOF and threshold: {','.join(self.oof_tta)})")

@@ -102,8 +102,10 @@ def parse_arch(name: str) -> Arch:
     if name in LITE0_ARCHS:  # efficientnet-lite0-9ch is the name its 9-channel input had before --input
         rgb = name == LITE0_ARCHS[0]
         return Arch(name, "linear", False, input="rgb" if rgb else "rgb+fft+srm", any_input=rgb)
-    if name in ("mobilenetv2", "effnet-b3-fpn-cbam", *CLIP_ARCHS):
-        return Arch(name, "linear", False)  # RGB, normalised in the body (ImageNet's or CLIP's mean/std)
+    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
+        return Arch(name, "linear", False)  # imagenet-rgb: ImageNetNormalize, in the body
+    if name in CLIP_ARCHS:
+        return Arch(name, "linear", False, input="clip-rgb")  # CLIP's mean/std, in the body
     raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2, effnet-b3-fpn-cbam, "
                      f"{', '.join(LITE0_ARCHS)} or {', '.join(CLIP_ARCHS)}")
 
