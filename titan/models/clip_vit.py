@@ -190,9 +190,9 @@ def embed(model: nn.Module, images: torch.Tensor | np.ndarray | Iterable, views:
     hflip, vflip, rot±DEG), applied to the [0,1] batch on the model's device exactly as TTA at inference does.
     ``progress``: anything with ``update(n)`` (a tqdm bar), advanced by images done."""
     from ..device import to_float_image
-    from ..infer.tta import parse_tta, tta_view  # the one owner of view names; imported late: models stay below infer
+    from ..infer.tta import resolve_tta, tta_view  # the one owner of view names; imported late: models stay below infer
 
-    views = parse_tta(list(views))
+    views = resolve_tta(list(views))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
