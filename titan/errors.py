@@ -19,6 +19,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+class Refusal(Exception):
+    """A refusal every command reports as bad input (exit 2), whatever its own error types: the
+    message names the cause and the fix (e.g. an output folder another run holds)."""
+
+
 def os_error_line(e: OSError) -> str:
     """One line for an OSError the machine raised, naming the file and what to do."""
     where = e.filename or "a file"
@@ -41,8 +46,8 @@ def run_command(name: str, command: Callable[[], object], bad_input: tuple[type[
     try:
         rc = command()
         return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command that knows what an interrupt lost says so in the exception
+        print(f"{name}: {e or 'interrupted; rerun the same command to resume'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 — every failure ends in one line (the traceback with --debug)
         if debug:
@@ -50,7 +55,7 @@ def run_command(name: str, command: Callable[[], object], bad_input: tuple[type[
         if is_machine_error(e):
             print(f"{name}: error: {os_error_line(e)}", file=sys.stderr)
             return EXIT_MACHINE
-        if isinstance(e, bad_input):
+        if isinstance(e, bad_input + (Refusal,)):
             print(f"{name}: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         first = str(e).splitlines()[0] if str(e) else ""

@@ -18,6 +18,7 @@ from ..config import option
 from ..data.images import ImageIndex
 from ..data.labels import read_labels
 from ..runfiles import RunFiles
+from ..runlock import holds_folder
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files, pair_globs
 from .resilient import FAILED, ImagesToScore, ScoringOptions, score_images
@@ -136,6 +137,7 @@ def _test_index(test_dir: str) -> ImageIndex:
     return index
 
 
+@holds_folder(lambda cfg, runlog=None: Path(cfg.out).parent)
 def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSummary:
     """Score the test faces with the fold ensemble and write the training CSV with diamonds.
 

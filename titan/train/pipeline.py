@@ -18,6 +18,7 @@ import torch
 from ..config import ScriptOptions, TrainConfig, option, save_config
 from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
+from ..safe_text import csv_frame
 from ..infer.folds import FoldSet
 from ..infer.resilient import ImagesToScore, Scores, score_images
 from ..infer.submission import fill_unscored, raw_test_index, submission_frame, test_set, write_predictions, write_submission
@@ -134,7 +135,7 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
             write_predictions(r.files.predictions_csv, ids, prob,
                               {n: 1.0 / (1.0 + np.exp(-lg.astype(np.float64))) for n, lg in zip(scores.fold_names, scores.logits)})
             write_submission(r.files.submission_csv, ids, filled.labels, ids)
-            atomic_write(r.files.submission_issues_csv, lambda tmp: filled.issues.to_csv(tmp, index=False))
+            atomic_write(r.files.submission_issues_csv, lambda tmp: csv_frame(filled.issues).to_csv(tmp, index=False))
         for _, row in filled.issues.head(10).iterrows():
             log.info(f"guessed {row.Id}: {row.problem}")
         log.info(f"submission: {len(ids)} rows, {int(filled.labels.sum())} predicted fake (th={th:.4f}); {filled.summary()} "
