@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import Refusal
+from .errors import Refusal, running_command
 
 LOCK_NAME = ".titan_run.lock"
 log = logging.getLogger("titan")
@@ -97,7 +96,7 @@ def folder_lock(folder: str | os.PathLike, say: Callable[[str], None] | None = N
     if not nested:
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                "command": command if command is not None else " ".join(sys.argv)}
+                "command": command if command is not None else running_command() or "a Python process"}
         if not _create(path, info):
             holder = _holder(path)
             if not _stale(holder):
