@@ -96,10 +96,17 @@ def test_gradcam_refuses_a_baseline_fold_by_name(runs):
         signed_cam(load_fold(f).model, torch.rand(1, 3, 64, 64))
 
 
-def test_finished_folds_of_another_arch_are_not_reused(runs, data):
+def test_finished_folds_of_another_arch_are_not_reused(runs, data, monkeypatch):
+    """They are retrained, the log naming the setting (stopped before training: the folder is shared)."""
+    class Retrained(Exception):
+        pass
+
+    monkeypatch.setattr(finetune, "train_fold", lambda *a: (_ for _ in ()).throw(Retrained()))
     cfg = cfg_for(data, "mobilenetv2", arch="effnet-b3-fpn-cbam", n_folds=2, ft_epochs=1)
-    with pytest.raises(ValueError, match=r"'arch': \('mobilenetv2', 'effnet-b3-fpn-cbam'\)"):
+    with pytest.raises(Retrained):
         finetune.run_finetune(cfg)
+    log = (data / "mobilenetv2" / "training_v42_log.txt").read_text()
+    assert "Fold 0: retraining — it was trained with arch 'mobilenetv2' → 'effnet-b3-fpn-cbam'" in log
 
 
 def test_arch_following_variant_equals_the_titan_name(runs, data):

@@ -87,7 +87,7 @@ def test_one_image_prints_its_verdict_and_writes_the_csv_columns(run_dir, photos
     table = capsys.readouterr().out
     df = pd.read_csv(tmp_path / "d.csv", dtype={"face": "string"}, keep_default_na=False)
     assert list(df.columns) == ROW_COLUMNS == ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision",
-                                               "verdict", "status", "error"]
+                                               "verdict", "status", "error", "folds", "name_escaped"]
     face, summary = df.iloc[0], df.iloc[1]
     assert len(df) == 2 and face.face == "0" and face.status == "face" and summary.face == "" and summary.status == "ok"
     x1, y1, x2, y2 = map(float, face.box.split())

@@ -59,6 +59,24 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def check_output_file(path: str | os.PathLike, flag: str, refusal: type[Exception] = ValueError) -> Path:
+    """Before any work: ``path`` names a file (not a folder) that can be written. A folder is
+    refused with ``refusal`` (exit 2); a folder that cannot be created or written raises the
+    OSError naming it (exit 3). Probed with a temporary file, removed at once."""
+    path = Path(path)
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise refusal(f"{flag} {path} is a folder; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    return path
+
+
 def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
     try:
         return shutil.disk_usage(folder).free < margin
@@ -67,10 +85,11 @@ def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
 
 
 def atomic_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON atomically (numpy scalars as floats)."""
-    import json
+    """Write ``obj`` as indented, strict JSON atomically: numpy scalars as numbers, NaN and
+    infinities as null (bare NaN is not JSON; strict readers refuse the whole file)."""
+    from .safe_text import strict_json
 
-    text = json.dumps(obj, indent=2, default=float)
+    text = strict_json(obj, indent=2)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 

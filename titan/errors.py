@@ -19,6 +19,18 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+class Refusal(Exception):
+    """A refusal every command reports as bad input (exit 2), whatever its own error types: the
+    message names the cause and the fix (e.g. an output folder another run holds)."""
+
+
+_running = ""  # the script run_command is running: what a run lock says holds the folder
+
+
+def running_command() -> str:
+    return _running
+
+
 def os_error_line(e: OSError) -> str:
     """One line for an OSError the machine raised, naming the file and what to do."""
     where = e.filename or "a file"
@@ -38,11 +50,13 @@ def run_command(name: str, command: Callable[[], object], bad_input: tuple[type[
                 debug: bool = False) -> int:
     """Run a script's one call and turn each way it can end into one line and an exit code
     (the call's own int is the exit code; anything else it returns means done)."""
+    global _running
+    _running = name
     try:
         rc = command()
         return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command that knows what an interrupt lost says so in the exception
+        print(f"{name}: {str(e) or 'interrupted; rerun the same command to resume'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 — every failure ends in one line (the traceback with --debug)
         if debug:
@@ -50,7 +64,7 @@ def run_command(name: str, command: Callable[[], object], bad_input: tuple[type[
         if is_machine_error(e):
             print(f"{name}: error: {os_error_line(e)}", file=sys.stderr)
             return EXIT_MACHINE
-        if isinstance(e, bad_input):
+        if isinstance(e, bad_input + (Refusal,)):
             print(f"{name}: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         first = str(e).splitlines()[0] if str(e) else ""

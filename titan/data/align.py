@@ -36,6 +36,8 @@ from .images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image, enco
 from .faces import (DEFAULT_MARGIN, DEFAULT_MAX_SIDE, DEFAULT_MIN_PROB, NO_FACE, Detection, FaceDetector, face_crop,
                     shrink_for_detection)
 from ..runfiles import DATASET_DIR, FACES_DIR, log_files
+from ..runlock import holds_folder
+from ..safe_text import csv_cell, restore_cell
 from ..runlog import RunLog
 
 try:  # POSIX: shards of one folder append to the same manifest
@@ -45,6 +47,7 @@ except ImportError:  # pragma: no cover - single process only
 
 MANIFEST_COLUMNS = ["Id", "source", "status", "prob", "box_x1", "box_y1", "box_x2", "box_y2", "n_faces", "error"]
 STATUSES = ("face", "fallback", "failed")
+TEXT_COLUMNS = ("Id", "source", "error")  # user-controlled text: written as cells no spreadsheet runs
 SETTINGS_JSON = "align_settings.json"  # the settings the folder's crops were made with
 CROP_SETTINGS = ("size", "margin", "format", "quality", "min_prob", "max_side")  # what changes a crop
 DONE = ("face", "fallback")
@@ -160,7 +163,8 @@ class Manifest:
             for rec in csv.reader(f):
                 if len(rec) != len(MANIFEST_COLUMNS) or rec[0] == "Id" or rec[2] not in STATUSES:
                     continue
-                rows[rec[0]] = dict(zip(MANIFEST_COLUMNS, rec))
+                row = {k: restore_cell(v) if k in TEXT_COLUMNS else v for k, v in zip(MANIFEST_COLUMNS, rec)}
+                rows[row["Id"]] = row
         return rows
 
     def append(self, rows: list[dict[str, Any]]) -> None:
@@ -169,7 +173,7 @@ class Manifest:
         buf = io.StringIO()
         w = csv.DictWriter(buf, MANIFEST_COLUMNS, lineterminator="\n")
         for r in rows:
-            w.writerow(r)
+            w.writerow(_csv_safe(r))
         with self._locked():
             new = not self.path.is_file() or self.path.stat().st_size == 0
             with open(self.path, "a+b") as f:
@@ -218,7 +222,7 @@ class Manifest:
                 w = csv.DictWriter(f, MANIFEST_COLUMNS, lineterminator="\n")
                 w.writeheader()
                 for k in sorted(rows):
-                    w.writerow(rows[k])
+                    w.writerow(_csv_safe(rows[k]))
 
         atomic_write(self.path, write)
 
@@ -228,6 +232,11 @@ class Manifest:
             rows = self.read()
             self._rewrite(rows)
         return len(rows)
+
+
+def _csv_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's user-controlled text (Id, source path, error) as cells no spreadsheet runs."""
+    return {k: csv_cell(v) if k in TEXT_COLUMNS else v for k, v in row.items()}
 
 
 def manifest_row(image_id: str, source: Path, status: str, det: Detection = NO_FACE, error: str = "") -> dict[str, Any]:
@@ -247,8 +256,11 @@ def _decode(path: Path, max_side: int, max_pixels: int) -> tuple[np.ndarray | No
     return img, shrink_for_detection(img, max_side), ""
 
 
-def prefetch(fn: Callable[[Any], Any], items: list[Any], workers: int, depth: int) -> Iterator[tuple[int, Any]]:
-    """(k, fn(items[k])) in order, computed up to ``depth`` items ahead by ``workers`` threads.
+def prefetch(fn: Callable[[Any], Any], items: list[Any], workers: int, depth: int,
+             size: Callable[[Any], int] | None = None, budget: int = 0) -> Iterator[tuple[int, Any]]:
+    """(k, fn(items[k])) in order, computed up to ``depth`` items ahead by ``workers`` threads;
+    with ``size`` and ``budget``, no more work starts while the finished results waiting hold
+    ``budget`` (bytes, by ``size``) or more — at most ``workers`` more are then in flight.
 
     Threads, not processes: PIL and OpenCV release the GIL while decoding and resizing, and a
     forked worker can deadlock in OpenCV's thread pool once the parent has used it.
@@ -260,12 +272,20 @@ def prefetch(fn: Callable[[Any], Any], items: list[Any], workers: int, depth: in
         ahead: deque[Future] = deque()
         try:
             for k in range(len(items)):
-                while len(ahead) < depth and k + len(ahead) < len(items):
+                while len(ahead) < depth and k + len(ahead) < len(items) and not _over(ahead, size, budget, workers):
                     ahead.append(pool.submit(fn, items[k + len(ahead)]))
                 yield k, ahead.popleft().result()
         finally:
             for f in ahead:
                 f.cancel()
+
+
+def _over(ahead: deque, size: Callable[[Any], int] | None, budget: int, workers: int) -> bool:
+    """The results decoded ahead hold the budget (the in-flight ones are not known yet: at most ``workers``)."""
+    if not (size and budget) or not ahead:
+        return False
+    running = sum(not f.done() for f in ahead)
+    return running >= workers or sum(size(f.result()) for f in ahead if f.done()) >= budget
 
 
 def _write_crop(img: np.ndarray, det: Detection, out_path: Path, opts: AlignOptions) -> str:
@@ -425,6 +445,7 @@ def check_options(opts: AlignOptions) -> dict[str, Path]:
     return sources
 
 
+@holds_folder(lambda opts, log=None: opts.output)
 def run_align(opts: AlignOptions, log: RunLog | None = None) -> list[SplitSummary]:
     """Crop every split; returns per-split summaries (see ``SplitSummary``)."""
     sources = check_options(opts)

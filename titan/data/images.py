@@ -108,6 +108,29 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
     image of more than ``max_pixels`` (default ``MAX_PIXELS``) is refused from its header, before
     any pixel is decoded.
     """
+    return decode_reduced(path, 0, max_pixels)[0]
+
+
+def _shrink_decoded(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` with its long side at most ``max_side``, before it is widened to 8-bit RGB (a 1-bit
+    10000² PNG is 100 MB as L, 300 MB as RGB)."""
+    if max(img.size) <= max_side:
+        return img
+    if img.mode == "1" and img.width * img.height <= 32_000_000:  # grey averages dithering; a larger one stays
+        img = img.convert("L")                                  # 1-bit (nearest) rather than take a copy as big
+    try:
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    except ValueError:  # a mode resize does not take (16-bit, float): widened first
+        img = _to_rgb(img)
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return img
+
+
+def decode_reduced(path: str | os.PathLike, max_side: int = 0, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
+    """``decode_image`` with the long side reduced to ``max_side`` (0: full size) as the file is
+    decoded — JPEG in draft mode (the decoder's own 1/2…1/8 scaling), others right after loading —
+    so memory follows ``max_side``, not the file's pixel count. Returns (image, scale): decoded
+    pixels per source pixel (1.0 when not reduced), to map boxes back to the source."""
     path = Path(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
@@ -117,8 +140,15 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
             if limit and img.width * img.height > limit:
                 raise ImageDecodeError(path, f"{img.width}×{img.height} = {img.width * img.height:,} pixels, above the "
                                              f"limit of {limit:,} (align_faces.py --max-pixels raises it)")
+            full_side = max(img.size)
+            if max_side and full_side > max_side and img.format == "JPEG":
+                f = max_side / full_side
+                img.draft(img.mode, (max(1, int(img.width * f + 1)), max(1, int(img.height * f + 1))))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when there is nothing to turn
+            if max_side:
+                img = _shrink_decoded(img, max_side)
+            scale = max(img.size) / full_side
             arr = np.asarray(_to_rgb(img))
     except ImageDecodeError:
         raise
@@ -132,7 +162,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
         raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageDecodeError(path, f"unexpected decoded shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), scale
 
 
 def to_rgb_array(img, name: str = "image") -> np.ndarray:

@@ -22,8 +22,10 @@ import glob
 import logging
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -35,8 +37,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import option
 from ..data.align import prefetch
 from ..data.faces import NO_FACE, Detection, FaceDetector, face_crop
-from ..data.images import IMAGE_EXTS, ImageDecodeError, centre_square, decode_image, to_chw_uint8, to_rgb_array
+from ..data.images import IMAGE_EXTS, ImageDecodeError, centre_square, decode_reduced, to_chw_uint8, to_rgb_array
 from ..runfiles import DEFAULT_PREFIX, TEST_IMAGES, RunFiles
+from ..safe_text import display_path
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
 from .record import Preprocessing
@@ -45,7 +48,10 @@ from .resilient import CropFlags, EnsembleOptions, ResilientPredictor, pick_devi
 log = logging.getLogger("titan")
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
-ROW_COLUMNS = ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision", "verdict", "status", "error"]
+# folds: which folds scored the row (empty when every fold of the run did); name_escaped: the
+# file name was not valid UTF-8 and ``path`` shows its bytes as \xNN escapes.
+ROW_COLUMNS = ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision", "verdict", "status", "error",
+               "folds", "name_escaped"]
 FACE, NO_FACE_STATUS, OK, ERROR = "face", "no_face", "ok", "error"
 
 
@@ -77,6 +83,8 @@ class DetectOptions(DetectorOptions):
     uncertain_band: float = option(-1.0, "half-width of the uncertain band around the threshold, calibrated scale; "
                                          "-1 = the run's (holds its least-sure 10%% of out-of-fold faces)")
     workers: int = option(2, "decoding threads (0 = in the main thread)")
+    memory_budget_mb: int = option(1024, "decoded pixels held at once (decoded ahead + waiting to be scored), in MB; "
+                                         "images and video frames are also reduced as they are decoded")
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -110,13 +118,16 @@ def _media_in(folder: Path) -> tuple[list[Path], int]:
 
 def expand_inputs(specs: Sequence[str], say: Callable[[str], None] = log.info) -> list[Source]:
     """Files (any extension: a file given by name is tried as an image unless it is a video),
-    folders (their images and videos, recursively), globs; each path once, in the order given."""
+    folders (their images and videos, recursively), globs; each file once (by its resolved path:
+    a photo reached through a symlink or another relative path is not scored twice), listed by
+    the path it was first given as, in the order given."""
     out: list[Source] = []
     seen: set[str] = set()
 
     def add(p: Path) -> None:
-        if str(p) not in seen:
-            seen.add(str(p))
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
             out.append(Source(str(p), _kind(p)))
 
     for spec in specs:
@@ -159,9 +170,20 @@ def _count_frames(path: str) -> int:
         return sum(1 for pkt in c.demux(c.streams.video[0]) if pkt.size)
 
 
-def read_video(path: str | os.PathLike, n_frames: int) -> tuple[list[tuple[int, np.ndarray]], str]:
+def _frame_rgb(fr, max_side: int) -> np.ndarray:
+    """A decoded frame as HxWx3 uint8 RGB, its long side reduced to ``max_side`` in the same
+    conversion (FFmpeg's scaler), so a 4096² frame never exists as 50 MB of RGB."""
+    w, h = fr.width, fr.height
+    if max_side and max(w, h) > max_side:
+        f = max_side / max(w, h)
+        return fr.reformat(width=max(1, round(w * f)), height=max(1, round(h * f)), format="rgb24").to_ndarray()
+    return fr.to_ndarray(format="rgb24")
+
+
+def read_video(path: str | os.PathLike, n_frames: int, max_side: int = 0) -> tuple[list[tuple[int, np.ndarray]], str]:
     """(frame index, HxWx3 uint8 RGB) of ``n_frames`` frames sampled evenly, and a note ("" or why
-    fewer came back). An unreadable video raises ``ImageDecodeError`` naming it and why."""
+    fewer came back); ``max_side`` > 0 reduces each frame as it is decoded. An unreadable video
+    raises ``ImageDecodeError`` naming it and why."""
     import av
 
     path = str(path)
@@ -180,11 +202,13 @@ def read_video(path: str | os.PathLike, n_frames: int) -> tuple[list[tuple[int, 
         with av.open(path) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
+            if max_side and stream.width * stream.height > 4 * max_side * max_side:
+                stream.thread_count = 2  # each decoding thread holds whole frames: few for frames this large
             i = -1
             try:
                 for i, fr in enumerate(c.decode(stream)):
                     if i in keep:
-                        frames.append((i, fr.to_ndarray(format="rgb24")))
+                        frames.append((i, _frame_rgb(fr, max_side)))
                     if i >= want[-1]:
                         break
             except Exception as e:  # noqa: BLE001 — a stream broken part-way keeps the frames before the break
@@ -226,11 +250,14 @@ class FaceResult:
     status: str    # face | no_face
     detector_prob: float | None = None
     crop: np.ndarray | None = field(default=None, repr=False)  # the scored crop, while the input is being reported
+    folds: str = ""  # the folds that scored it, when not every fold of the run did ("" = all)
+    name_escaped: bool = False
 
     def row(self) -> dict:
         return {"path": self.path, "frame": self.frame, "face": self.face, "box": [round(v, 1) for v in self.box],
                 "prob": _num(self.prob), "calibrated_prob": _num(self.calibrated_prob), "decision": self.decision,
-                "verdict": self.verdict, "status": self.status, "error": ""}
+                "verdict": self.verdict, "status": self.status, "error": "", "folds": self.folds,
+                "name_escaped": self.name_escaped}
 
 
 @dataclass
@@ -250,6 +277,8 @@ class InputResult:
     frame: int | None = None      # video: the most suspicious frame
     n_frames: int = 0
     image: np.ndarray | None = field(default=None, repr=False)  # the image / that frame, while being reported
+    scale: float = 1.0            # ``image`` pixels per source pixel (images are reduced as they are decoded)
+    name_escaped: bool = False    # ``path`` shows a name that is not UTF-8 with \xNN escapes
 
     @property
     def scored(self) -> bool:
@@ -265,10 +294,15 @@ class InputResult:
         faces = self.judged_by
         return max(faces, key=lambda f: f.logit) if faces else None
 
+    @property
+    def folds(self) -> str:
+        """The folds behind the verdict when not every fold of the run scored it ("" = all)."""
+        return "; ".join(dict.fromkeys(f.folds for f in self.judged_by if f.folds))
+
     def summary_row(self) -> dict:
         return {"path": self.path, "frame": self.frame, "face": None, "box": None, "prob": _num(self.prob),
                 "calibrated_prob": _num(self.calibrated_prob), "decision": self.decision, "verdict": self.verdict,
-                "status": self.status, "error": self.error}
+                "status": self.status, "error": self.error, "folds": self.folds, "name_escaped": self.name_escaped}
 
     def rows(self) -> list[dict]:
         """Its faces' rows, then its summary row (``face`` None)."""
@@ -304,6 +338,10 @@ class Detector:
         self.notes: list[str] = []
         self.device = pick_device(device, self.notes)
         self.img_size, self.margin = prep.img_size, prep.margin
+        # Decoded images are reduced to this long side at once: the face detector sees --max-side,
+        # and a face spanning a quarter of the photo still crops at the model's full resolution.
+        self.decode_side = max(prep.max_side, 4 * self.img_size)
+        self.n_run_folds = len(folds.folds) + len(folds.skipped)  # the run's folds, loaded or not
         self.face_detector = FaceDetector(self.device, None, max_side=prep.max_side, min_prob=prep.min_prob)
         self.predictor = ResilientPredictor([f.model.eval() for f in folds.folds], folds.names, self.device,
                                             self.views, max(1, batch_size), amp, self.notes)
@@ -348,14 +386,21 @@ class Detector:
                 return [f"face detection failed: {type(e).__name__}: {e}"]
         return [r for im in images for r in self._detect([im])]
 
-    def _logits(self, crops: list[np.ndarray]) -> np.ndarray:
-        """The ensemble logit of each crop: the mean over the folds still scoring."""
+    def _logits(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """The ensemble logit of each crop (the mean over the folds still scoring), and which folds
+        scored it when not every fold of the run did ("" when all did)."""
         if not crops:
-            return np.zeros(0)
+            return np.zeros(0), []
         per_fold = self.predictor(torch.stack([to_chw_uint8(c) for c in crops]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: reported per input
-            return np.nanmean(per_fold.astype(np.float64), axis=0)
+            logits = np.nanmean(per_fold.astype(np.float64), axis=0)
+        finite = np.isfinite(per_fold)
+        names = self.folds.names
+        used = ["" if col.sum() == self.n_run_folds else
+                f"{'+'.join(n for n, ok in zip(names, col) if ok)} ({int(col.sum())} of {self.n_run_folds})"
+                for col in finite.T]
+        return logits, used
 
     def score_faces(self, images: Sequence[np.ndarray], names: Sequence[str],
                     frames: Sequence[int | None] | None = None, margin: float | None = None) -> list[list[FaceResult] | str]:
@@ -374,14 +419,14 @@ class Detector:
                 box = det.box if how == "face" else _centre_box(img)
                 crops.append(crop)
                 made.append((i, k, box, FACE if how == "face" else NO_FACE_STATUS, det.prob))
-        logits = self._logits(crops)
+        logits, used = self._logits(crops)
         prob, cal = self.calibration.probabilities(logits)
         decision, verdict = self.calibration.verdicts(logits)
         out: list[list[FaceResult] | str] = [d if isinstance(d, str) else [] for d in found]
         for j, (i, k, box, status, dprob) in enumerate(made):
             out[i].append(FaceResult(names[i], frames[i], k, tuple(float(v) for v in box), float(logits[j]),
                                      float(prob[j]), float(cal[j]), str(decision[j]), str(verdict[j]), status, dprob,
-                                     crops[j]))
+                                     crops[j], used[j]))
         for i, faces in enumerate(out):
             if isinstance(faces, list) and not all(math.isfinite(f.logit) for f in faces):
                 out[i] = "no fold produced a finite score for this image (see the log for the folds left out)"
@@ -394,19 +439,22 @@ class Detector:
         res.prob, res.calibrated_prob, res.decision, res.verdict = float(prob[0]), float(cal[0]), str(decision[0]), str(verdict[0])
         return res
 
-    def image_result(self, path: str, image: np.ndarray, faces: list[FaceResult] | str) -> InputResult:
+    def image_result(self, path: str, image: np.ndarray, faces: list[FaceResult] | str, scale: float = 1.0) -> InputResult:
+        """``scale``: ``image`` pixels per source pixel (the boxes are given back in source pixels)."""
         if isinstance(faces, str):
             return error_result(path, "image", faces)
+        _to_source(faces, scale)
         status = OK if any(f.status == FACE for f in faces) else NO_FACE_STATUS
         res = InputResult(path, "image", status, "" if status == OK else "no face found: scored the centre square",
-                          faces, image=image)
+                          faces, image=image, scale=scale)
         return self._verdict(res, max(f.logit for f in faces))
 
-    def video_result(self, path: str, frames: list[tuple[int, np.ndarray]], note: str = "") -> InputResult:
+    def video_result(self, path: str, frames: list[tuple[int, np.ndarray]], note: str = "", scale: float = 1.0) -> InputResult:
         """Score every sampled frame; the video's logit is the mean of its frames' (most fake face) logits."""
         idx = [i for i, _ in frames]
         per_frame = self.score_faces([f for _, f in frames], [path] * len(frames), idx)
         faces = [f for fs in per_frame if isinstance(fs, list) for f in fs]
+        _to_source(faces, scale)
         failed = [f"frame {i}: {r}" for i, r in zip(idx, per_frame) if isinstance(r, str)]
         notes = [n for n in [note, "; ".join(failed)] if n]
         scored = [(i, max(f.logit for f in fs), img) for i, fs, (_, img) in zip(idx, per_frame, frames) if isinstance(fs, list)]
@@ -416,7 +464,8 @@ class Detector:
         status = OK if any(f.status == FACE for f in faces) else NO_FACE_STATUS
         if status == NO_FACE_STATUS:
             notes.append("no face in any sampled frame: scored the centre squares")
-        res = InputResult(path, "video", status, "; ".join(notes), faces, frame=worst, n_frames=len(scored), image=worst_img)
+        res = InputResult(path, "video", status, "; ".join(notes), faces, frame=worst, n_frames=len(scored), image=worst_img,
+                          scale=scale)
         return self._verdict(res, float(np.mean([s[1] for s in scored])))
 
     # --- public entry points ---
@@ -437,59 +486,116 @@ class Detector:
         return results  # type: ignore[return-value]
 
     def run(self, sources: Sequence[Source], n_frames: int = 32, workers: int = 2, chunk: int = 32,
-            progress: bool = True, on_result: Callable[[InputResult], None] | None = None) -> list[InputResult]:
-        """Score every source, in order; images ``chunk`` at a time (decoded ahead by ``workers``
-        threads), each video on its own. ``on_result`` sees each result with its pixels, which are
-        released afterwards."""
+            progress: bool = True, on_result: Callable[[InputResult], None] | None = None,
+            memory_budget_mb: int = 1024) -> list[InputResult]:
+        """Score every source, in order; images up to ``chunk`` at a time (decoded ahead by
+        ``workers`` threads), each video on its own. Decoded pixels are bounded by
+        ``memory_budget_mb``: half for images decoded ahead, half for those waiting to be scored
+        (each image is reduced to ``decode_side`` as it is decoded). ``on_result`` sees each result
+        with its pixels, which are released afterwards."""
         results: list[InputResult] = []
-        pending: list[tuple[Source, np.ndarray | str | None]] = []
+        pending: list[tuple[Source, np.ndarray | str | None, float]] = []
+        budget = max(1, memory_budget_mb) * 2**20 // 2
+        held = 0
 
         def flush() -> None:
-            imgs = [(s, x) for s, x in pending if isinstance(x, np.ndarray)]
-            scored = iter(self.score_faces([x for _, x in imgs], [s.path for s, _ in imgs]))
-            for s, x in pending:
+            nonlocal held
+            imgs = [(s, x) for s, x, _ in pending if isinstance(x, np.ndarray)]
+            scored = iter(self.score_faces([x for _, x in imgs], [display_path(s.path)[0] for s, _ in imgs]))
+            for s, x, scale in pending:
+                name, escaped = display_path(s.path)
                 if isinstance(x, np.ndarray):
-                    res = self.image_result(s.path, x, next(scored))
+                    res = self.image_result(name, x, next(scored), scale)
                 elif isinstance(x, str):
-                    res = error_result(s.path, s.kind if s.kind != ERROR else "image", x)
+                    res = error_result(name, s.kind if s.kind != ERROR else "image", x)
                 else:
                     res = self._video(s.path, n_frames)
+                    res.path = name
+                    for f in res.faces:
+                        f.path = name
+                if escaped:
+                    res.name_escaped = True
+                    for f in res.faces:
+                        f.name_escaped = True
                 if on_result is not None:
                     on_result(res)
                 res.release()
                 results.append(res)
                 bar.update(1)
             pending.clear()
+            held = 0
 
+        # A decode at full size before its reduction can hold far more than the result: such
+        # images (over an eighth of the budget at 3 bytes a pixel) are decoded one at a time.
+        load = partial(_load, max_side=self.decode_side, one_at_a_time=threading.Lock(), big=budget // 4)
         with logging_redirect_tqdm(), tqdm(total=len(sources), desc="detect", unit="input", disable=not progress) as bar:
-            for _, (src, loaded) in prefetch(_load, list(sources), workers, depth=2 * chunk):
-                pending.append((src, loaded))
-                if src.kind == "video" or sum(isinstance(x, np.ndarray) for _, x in pending) >= chunk:
+            for _, (src, loaded, scale) in prefetch(load, list(sources), workers, depth=2 * chunk,
+                                                    size=lambda r: _nbytes(r[1]), budget=budget):
+                pending.append((src, loaded, scale))
+                held += _nbytes(loaded)
+                if src.kind == "video" or held >= budget or sum(isinstance(x, np.ndarray) for _, x, _ in pending) >= chunk:
                     flush()
             flush()
         return results
 
     def _video(self, path: str, n_frames: int) -> InputResult:
         try:
-            frames, note = read_video(path, n_frames)
+            frames, note = read_video(path, n_frames, self.decode_side)
+            scale = frames[0][1].shape[1] / _video_width(path)
         except ImageDecodeError as e:
             return error_result(path, "video", e.reason)
-        return self.video_result(path, frames, note)
+        return self.video_result(path, frames, note, scale)
 
 
-def _load(src: Source) -> tuple[Source, np.ndarray | str | None]:
-    """(source, decoded image | why it failed | None for a video, read later in the main thread)."""
-    if src.kind == ERROR:
-        return src, src.error
-    if src.kind == "video":
-        return src, None
+def _to_source(faces: list[FaceResult], scale: float) -> None:
+    """Boxes found on an image reduced by ``scale`` → source pixels."""
+    if scale != 1.0:
+        for f in faces:
+            f.box = tuple(v / scale for v in f.box)
+
+
+def _full_bytes(path: str) -> int:
+    """Bytes of the image at full size as RGB, from its header (0 when the header does not read:
+    the decode then fails by name)."""
+    from PIL import Image
+
     try:
-        return src, decode_image(src.path)
+        with Image.open(path) as img:
+            return img.width * img.height * 3
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _nbytes(x) -> int:
+    return x.nbytes if isinstance(x, np.ndarray) else 0
+
+
+def _video_width(path: str) -> int:
+    import av
+
+    with av.open(path) as c:
+        return int(c.streams.video[0].width)
+
+
+def _load(src: Source, max_side: int = 0, one_at_a_time: threading.Lock | None = None,
+          big: int = 0) -> tuple[Source, np.ndarray | str | None, float]:
+    """(source, decoded image reduced to ``max_side`` | why it failed | None for a video, read
+    later in the main thread, and the image's scale: its pixels per source pixel). Images of
+    more than ``big`` bytes at full size decode holding ``one_at_a_time``."""
+    if src.kind == ERROR:
+        return src, src.error, 1.0
+    if src.kind == "video":
+        return src, None, 1.0
+    try:
+        if one_at_a_time is not None and big and _full_bytes(src.path) > big:
+            with one_at_a_time:
+                return (src, *decode_reduced(src.path, max_side))
+        return (src, *decode_reduced(src.path, max_side))
     except ImageDecodeError as e:
         reason = e.reason
         if reason.startswith("not an image format"):
             reason += f" (nor a video: {', '.join(VIDEO_EXTS)})"
-        return src, reason
+        return src, reason, 1.0
 
 
 def iter_rows(results: Sequence[InputResult]) -> Iterator[dict]:

@@ -17,6 +17,7 @@ from ..config import option
 from ..data.images import ImageIndex
 from ..data.labels import GROUP, read_labels
 from ..runfiles import DIAMOND_CSV, TRAIN_CSV, RunFiles
+from ..runlock import holds_folder
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files, pair_globs
 from .resilient import FAILED, ScoringOptions
@@ -122,6 +123,7 @@ def _test_index(test_dir: str) -> ImageIndex:
     return index
 
 
+@holds_folder(lambda cfg, runlog=None: Path(cfg.out).parent)
 def make_diamonds(cfg: DiamondConfig, runlog: RunLog | None = None) -> DiamondSummary:
     """Score the test faces with the fold ensemble and write the training CSV with diamonds.
 

@@ -20,6 +20,8 @@ from ..config import option
 from ..data.faces import crop_face
 from ..data.images import ImageIndex, decode_image
 from ..runfiles import TEST_IMAGES, RunFiles
+from ..runlock import holds_folder
+from ..safe_text import csv_frame
 from ..runlog import RunLog
 from .folds import FoldSet, FoldSetError, find_fold_files
 from .record import Preprocessing
@@ -79,6 +81,7 @@ def _index_or_none(folder: str, degraded: list[str], what: str) -> ImageIndex | 
         return None
 
 
+@holds_folder(lambda cfg, runlog=None: Path(cfg.out).parent)
 def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary:
     """Write a complete ``Id,target_feature`` submission (every test Id once, in Id order)."""
     say = runlog.info if runlog else (lambda msg: None)
@@ -134,7 +137,7 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     out = Path(cfg.out)
     issues_path = Path(cfg.issues) if cfg.issues else out.with_name("safe_inference_issues.csv")
     sub = write_submission(out, ids, labels, ids)
-    atomic_write(issues_path, lambda tmp: issues_df.to_csv(tmp, index=False))
+    atomic_write(issues_path, lambda tmp: csv_frame(issues_df).to_csv(tmp, index=False))
 
     prior_rows = filled.issues.Id.tolist()
     if recropped:

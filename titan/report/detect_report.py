@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checkpoints import atomic_write
+from ..checkpoints import atomic_write, check_output_file
 from ..data.images import encode_image, to_chw_uint8
 from ..infer.calibration import Calibration
 from ..infer.detect import (ERROR, FACE, ROW_COLUMNS, DetectError, DetectOptions, Detector, FaceResult, InputResult,
                             expand_inputs, iter_rows)
+from ..runlock import folder_lock
 from ..runlog import RunLog
+from ..safe_text import csv_frame, strict_json
 from .gradcam import gradcam
 
 OUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -40,6 +41,18 @@ def out_format(path: str) -> str:
     return fmt
 
 
+def check_outputs(opts: DetectOptions) -> None:
+    """--out and --html can be written (a file name with the right extension, in a writable folder),
+    checked before any scoring: a bad name is exit 2, a folder that refuses writing exit 3."""
+    if opts.out:
+        check_output_file(opts.out, "--out", DetectError)
+        out_format(opts.out)
+    if opts.html:
+        check_output_file(opts.html, "--html", DetectError)
+        if Path(opts.html).suffix.lower() not in (".html", ".htm"):
+            raise DetectError(f"--html {opts.html}: name the page .html")
+
+
 # --- rows and the terminal table -----------------------------------------------------------------
 
 def _csv_cell(key: str, v):
@@ -49,6 +62,8 @@ def _csv_cell(key: str, v):
         return " ".join(f"{x:.1f}" for x in v)
     if isinstance(v, float):
         return f"{v:.6f}"
+    if key == "name_escaped":
+        return "true" if v else ""
     return v
 
 
@@ -56,10 +71,11 @@ def write_rows(path: str | Path, results: Sequence[InputResult]) -> Path:
     """Every face's row, then each input's summary row (``face`` empty), as CSV or JSONL by extension."""
     rows = list(iter_rows(results))
     if out_format(str(path)) == "jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        text = "".join(strict_json(r, ensure_ascii=False) + "\n" for r in rows)
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     df = pd.DataFrame([{k: _csv_cell(k, r[k]) for k in ROW_COLUMNS} for r in rows], columns=ROW_COLUMNS)
-    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    df = csv_frame(df, ["path", "error", "folds"])  # user-controlled text: no cell runs as a formula
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, encoding="utf-8"))
 
 
 def _short(text: str, width: int) -> str:
@@ -171,7 +187,7 @@ def _thumbnail(res: InputResult, side: int = 320) -> np.ndarray:
     for f in res.judged_by:
         if f.status != FACE:
             continue
-        x1, y1, x2, y2 = (int(round(v * s)) for v in f.box)
+        x1, y1, x2, y2 = (int(round(v * s * res.scale)) for v in f.box)  # boxes are in source pixels
         cv2.rectangle(thumb, (x1, y1), (x2, y2), VERDICT_COLOURS.get(f.verdict, (120, 120, 120)), max(1, round(2 * side / 320)))
     return thumb
 
@@ -261,6 +277,18 @@ class HtmlReport:
 
 # --- the command ----------------------------------------------------------------------------------
 
+def interrupted(opts: DetectOptions, done: list[InputResult], total: int) -> str:
+    """What a Ctrl-C leaves: the rows scored so far are written to --out (marked partial), and
+    detect does not resume — the message says both."""
+    head = f"interrupted after {len(done)} of {total} input(s)"
+    if opts.out and done:
+        write_rows(opts.out, done)
+        return (f"{head}; their rows are in {opts.out} (partial: the other {total - len(done)} input(s) are missing). "
+                "detect.py does not resume: rerun the same command to score every input")
+    return (f"{head}; nothing was written{'' if opts.out else ' (no --out given)'}. detect.py does not resume: "
+            "rerun the same command to score every input (with --out, an interrupt keeps the rows scored so far)")
+
+
 @dataclass
 class DetectRun:
     results: list[InputResult]
@@ -273,10 +301,18 @@ def run_detect(opts: DetectOptions, log: RunLog | None = None) -> DetectRun:
     """Score ``opts.inputs`` with the run in ``opts.weights_dir``; exit code 0 when at least one
     input was scored, 2 when none was (``DetectError`` when no weights load)."""
     log = log or RunLog(None, None)
-    if opts.out:
-        out_format(opts.out)  # a wrong extension is refused before any work
+    check_outputs(opts)  # a wrong name or a folder that refuses writing, before any work
     if opts.frames < 1:
         raise DetectError(f"--frames {opts.frames}: sample at least one frame per video")
+    if opts.memory_budget_mb < 64:
+        raise DetectError(f"--memory-budget-mb {opts.memory_budget_mb}: give at least 64")
+    if opts.heatmaps:  # the one folder detect writes: this run's alone while it does
+        with folder_lock(opts.heatmaps, log.info):
+            return _run_detect(opts, log)
+    return _run_detect(opts, log)
+
+
+def _run_detect(opts: DetectOptions, log: RunLog) -> DetectRun:
     sources = expand_inputs(opts.inputs, log.info)
     detector = opts.detector(log.info, band=opts.uncertain_band)
     explain = Explainer(detector, log.info) if opts.heatmaps or opts.html else None
@@ -285,14 +321,21 @@ def run_detect(opts: DetectOptions, log: RunLog | None = None) -> DetectRun:
     log.info(f"{len(sources)} input(s): {sum(s.kind == 'image' for s in sources)} image(s), "
              f"{sum(s.kind == 'video' for s in sources)} video(s), {sum(s.kind == ERROR for s in sources)} not found")
 
+    done: list[InputResult] = []
+
     def report(res: InputResult) -> None:
+        done.append(res)
         explained = explain(res, every_face=heatmaps is not None) if explain is not None else []
         if heatmaps is not None:
             heatmaps.write(explained)
         if page is not None:
             page.add(res, explained)
 
-    results = detector.run(sources, opts.frames, opts.workers, progress=opts.progress, on_result=report)
+    try:
+        results = detector.run(sources, opts.frames, opts.workers, progress=opts.progress, on_result=report,
+                               memory_budget_mb=opts.memory_budget_mb)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted(opts, done, len(sources))) from None
     for note in detector.notes:
         log.info(f"degraded: {note}")
     files = []

@@ -32,6 +32,9 @@ from ..data.faces import DEFAULT_MARGIN
 from ..data.images import MAX_PIXELS, ImageDecodeError, ImageIndex, decode_image
 from ..data.labels import read_labels
 from ..runfiles import TEST_IMAGES, log_files
+from ..runlock import holds_folder
+from ..safe_text import csv_frame, restore_frame
+from . import one_class as oc
 from ..runlog import RunLog
 from ..metrics import (best_f1_threshold, binary_metrics, bootstrap_intervals, expected_calibration_error,
                        headline)
@@ -110,7 +113,8 @@ class ScoreBook:
                 say(f"NOTICE: {self.csv} was scored with other {', '.join(changed)}; scoring afresh")
             else:
                 self.rows = pd.read_csv(self.csv, dtype={"Id": str, "error": str}, keep_default_na=False,
-                                        na_values={"logit": ["", "nan", "NaN"]}).to_dict("records")
+                                        na_values={"logit": ["", "nan", "NaN"]})
+                self.rows = restore_frame(self.rows, ["Id", "error"]).to_dict("records")
                 say(f"resuming: {len(self.rows)} scored rows in {self.csv} are reused")
 
     def done(self) -> set[tuple[str, str, float]]:
@@ -123,6 +127,7 @@ class ScoreBook:
     def save(self) -> None:
         atomic_json(self.inputs, self.meta)
         frame = pd.DataFrame(self.rows, columns=SCORE_COLUMNS)
+        frame = csv_frame(frame, ["Id", "error"])  # user-controlled text: no cell runs as a formula
         atomic_write(self.csv, lambda tmp: frame.to_csv(tmp, index=False))
 
     def frame(self) -> pd.DataFrame:
@@ -229,7 +234,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 # --- the files a user reads -------------------------------------------------------------------
 
-def _fmt_ci(m: dict) -> str:
+def _fmt_ci(m: dict | None) -> str:
+    if m is None:
+        return oc.UNDEFINED
     v, (lo, hi) = m["value"], m["ci95"]
     return "–" if not math.isfinite(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -238,9 +245,15 @@ def metrics_markdown(metrics: dict) -> str:
     keys = ("f1", "precision", "recall", "roc_auc", "ap", "tpr_at_1fpr", "tpr_at_5fpr", "missed_fakes")
     names = ("F1", "precision", "recall", "ROC-AUC", "AP", "TPR @ 1 % FPR", "TPR @ 5 % FPR", "missed fakes")
     lines = ["| at threshold | " + " | ".join(names) + " |", "|---|" + "---|" * len(keys)]
+    if metrics.get("one_class"):
+        keys += ("false_positive_rate", "specificity")
+        names += ("false-positive rate", "specificity")
+        lines = ["| at threshold | " + " | ".join(names) + " |", "|---|" + "---|" * len(keys)]
     for which in ("run_threshold", "best_threshold"):
         m = metrics[which]
-        cells = [_fmt_ci(m[k]) if k != "missed_fakes" else
+        if m is None:
+            continue
+        cells = [_fmt_ci(m.get(k)) if k != "missed_fakes" or m.get(k) is None else
                  f"{int(m[k]['value'])}/{metrics['n_fakes']} [{m[k]['ci95'][0]:.0f}, {m[k]['ci95'][1]:.0f}]"
                  for k in keys]
         lines.append(f"| {which.replace('_', ' ')} {m['threshold']:.3f} | " + " | ".join(cells) + " |")
@@ -248,19 +261,27 @@ def metrics_markdown(metrics: dict) -> str:
 
 
 def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: Calibration,
-                  n_boot: int = 1000, source: str = "") -> tuple[dict[str, Path], dict]:
+                  n_boot: int = 1000, source: str = "", one_class: int | None = None) -> tuple[dict[str, Path], dict]:
     """metrics.json, robustness.{csv,md}, errors.csv, the plots and evaluation.md tying them
-    together → (the files, the metrics written to metrics.json)."""
+    together → (the files, the metrics written to metrics.json). ``one_class`` (0 or 1): the
+    labels hold that class only; what it leaves undefined is null, with the reason."""
     from .plots import plot_reliability, plot_robustness
 
     metrics = clean_metrics(scores, cal, n_boot=n_boot)
+    if one_class is not None:
+        ok = scores[(scores.degradation == "clean") & (scores.status == "ok")]
+        p = sigmoid(ok.logit.to_numpy(float))
+        keys = ("f1", "precision", "recall", "roc_auc", "ap", "tpr_at_1fpr", "tpr_at_5fpr", "missed_fakes")
+        metrics["run_threshold"] = oc.one_class_block(one_class, p, cal.threshold, n_boot, keys=keys)
+        metrics["best_threshold"] = None  # no F1 to maximise
+        metrics.update(one_class=oc.CLASS_NAMES[one_class], undefined=oc.why_undefined(one_class))
     table = robustness_table(scores, cal)
     errors = scores[scores.status != "ok"][["Id", "degradation", "level", "error"]]
     metrics.update(missing_images=data.missing_images, unlabelled_images=data.unlabelled_images,
                    robustness=table.to_dict("records"), source=source)
     files = {"metrics": atomic_json(metrics, out_dir / "metrics.json"),
              "robustness_csv": atomic_write(out_dir / "robustness.csv", lambda t: table.to_csv(t, index=False)),
-             "errors": atomic_write(out_dir / "errors.csv", lambda t: errors.to_csv(t, index=False))}
+             "errors": atomic_write(out_dir / "errors.csv", lambda t: csv_frame(errors, ["Id", "error"]).to_csv(t, index=False))}
     files["robustness_md"] = atomic_write(out_dir / "robustness.md",
                                           lambda t: Path(t).write_text(markdown_table(table) + "\n"))
     clean = scores[(scores.degradation == "clean") & (scores.status == "ok")]
@@ -293,6 +314,7 @@ def evaluation_markdown(metrics: dict, table: pd.DataFrame, data: LabelledSet, p
         f"scored (errors.csv). Intervals: bootstrap 95 %, fakes and reals resampled separately. "
         "The best threshold is chosen on this very set, so its row is optimistic.", "",
         metrics_markdown(metrics), "",
+        *([f"One class only: {metrics['undefined']}; they read {oc.UNDEFINED}.", ""] if metrics.get("one_class") else []),
         "## Calibration", "",
         f"Expected calibration error (ECE, 10 bins): **{c['ece_raw']:.3f}** raw, **{c['ece_calibrated']:.3f}** after the "
         f"run's temperature {c['temperature']:.2f} (0 = the probabilities are honest).", "",
@@ -324,6 +346,8 @@ class EvalOptions(DetectorOptions):
     out: str = option("evaluation", "folder for metrics.json, the tables, plots, scores.csv and evaluation.md")
     degradations: list[str] = option(help="degradations to sweep (comma-separated): " + ",".join(degrade.DEGRADATIONS),
                                      default_factory=lambda: list(degrade.DEGRADATIONS))
+    one_class: bool = option(False, "the labels hold one class on purpose (e.g. only reals): report what one class "
+                                    "defines (false-positive rate / detection rate) instead of refusing")
     reduced: bool = option(False, "one level per degradation (JPEG 50, ×0.5, blur 1, noise 5, margin 0.4, social) "
                                   "instead of the full sweep")
     bootstrap: int = option(1000, "bootstrap resamples for the 95%% intervals")
@@ -346,6 +370,7 @@ def detector_scorer(detector) -> Scorer:
     return score
 
 
+@holds_folder(lambda opts, log_to=None: opts.out)
 def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]:
     """Score the labelled set clean and degraded with the run in ``opts.weights_dir``; write the report."""
     out = Path(opts.out)
@@ -356,6 +381,7 @@ def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]
         f"{len(data.missing_images)} labelled Id(s) without an image, {len(data.unlabelled_images)} image(s) without a label")
     plan = degrade.sweep_plan(opts.degradations, opts.reduced)
     det = opts.detector(say)
+    only = oc.check_classes(data.labels, opts.labels, opts.one_class)  # before any scoring
     cal = det.calibration
     inputs = {"weights": det.folds.digest(), "data": data.digest(), "settings": digest_lines(
         [f"tta={','.join(det.views)}", f"margin={det.margin}", f"size={det.img_size}", f"min_prob={det.prep.min_prob}",
@@ -368,8 +394,15 @@ def evaluate(opts: EvalOptions, log_to: RunLog | None = None) -> dict[str, Path]
         say(f"degraded: {note}")
     files, m = write_outputs(out, data, scores, cal, opts.bootstrap,
                           source=f"Run `{opts.weights_dir}` ({det.folds.describe()}, threshold {cal.threshold:.3f}, "
-                                 f"temperature {cal.temperature:.2f}) on `{opts.data}` with labels `{opts.labels}`.")
+                                 f"temperature {cal.temperature:.2f}) on `{opts.data}` with labels `{opts.labels}`.",
+                          one_class=only)
     r = m["run_threshold"]
+    if only is not None:
+        shown = {k: v["value"] for k, v in r.items() if isinstance(v, dict)}
+        say(f"clean, {m['one_class']} only: " + " | ".join(f"{k} {v:.3f}" for k, v in shown.items())
+            + f" at threshold {r['threshold']:.3f}; {m['undefined']}")
+        say(f"evaluation: {files['report']}")
+        return files
     say(f"clean: F1 {r['f1']['value']:.3f} | ROC-AUC {r['roc_auc']['value']:.3f} | missed fakes "
         f"{int(r['missed_fakes']['value'])}/{m['n_fakes']} | ECE {m['calibration']['ece_raw']:.3f} → "
         f"{m['calibration']['ece_calibrated']:.3f} after temperature")

@@ -36,10 +36,9 @@ from ..models.heads import build_head
 from ..runlog import RunLog
 from . import distributed, optim, state
 from .epoch import EpochStats, predict_logits, train_one_epoch
-from .session import TrainSession, face_dirs, resolved_identity, session
+from .reuse import changed_settings, describe, fold_fields
+from .session import TrainSession, face_dirs, save_run_config, session
 
-# A finished fold whose files were written with other values of these is not reused.
-FOLD_IDENTITY = ("arch", "variant", "head", "img_size", "n_folds", "fold_seed", "input")
 
 
 # --- labels and folds -------------------------------------------------------------------------------
@@ -216,8 +215,9 @@ def build_classifier(cfg: TrainConfig, ssl_path: Path, log: RunLog, pos_weight: 
 # --- the stage -------------------------------------------------------------------------------------
 
 def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
-    """The meta of a finished fold (its files and OOF rows all written) made from ``inputs``, else
-    None; a fold made from other labels or images is retrained (logged)."""
+    """The meta of a finished fold (its files and OOF rows all written) made from ``inputs`` with
+    this run's weight-shaping settings (``titan.train.reuse``), else None; a fold made from other
+    labels, images or settings is retrained (logged, naming what changed)."""
     meta_path = r.files.fold("meta", k)
     files = [r.files.fold("backbone", k), r.files.fold("head", k), r.files.fold_oof(k, r.ckpt)]
     if not meta_path.is_file() or not all(p.is_file() for p in files):
@@ -225,11 +225,10 @@ def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
     meta = load_file(meta_path)
     if not (isinstance(meta, dict) and meta.get("complete")):
         return None
-    have, now = resolved_identity(meta), resolved_identity(dataclasses.asdict(r.cfg))
-    stale = {f: (have.get(f), now[f]) for f in FOLD_IDENTITY if have.get(f) != now[f]}
+    stale = changed_settings(meta.get("config") or meta, r.cfg, fold_fields(r.cfg))
     if stale:
-        raise ValueError(f"{meta_path} was trained with other settings {stale} (file vs now); use a fresh --out-dir "
-                         "or delete that fold's files to retrain it")
+        r.log.info(f"Fold {k}: retraining — it was trained with {describe(stale)} (then → now)")
+        return None
     changed = changed_inputs(meta.get("inputs"), inputs)
     if changed:
         r.log.info(f"Fold {k}: retraining — its {' and '.join(changed)} changed since it was trained"
@@ -254,7 +253,10 @@ def run_finetune(cfg: TrainConfig, run: TrainSession | None = None,
                 r.log.info(f"Fold {k} already complete; skipping")
                 continue
             train_fold(r, df, folds, k, inputs)
-        return summarize_folds(r, df, inputs)
+        summary = summarize_folds(r, df, inputs)
+        if r.env.is_main:
+            save_run_config(cfg, r.files, weights_made=True)  # every fold is now this config's
+        return summary
 
 
 @dataclass
@@ -334,7 +336,7 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
     batch_inputs, stem = fold_inputs(r), f"fold{k}"
 
     start, best = 0, None  # best: {"epoch", "score", "metrics", "val_loss", "ids", "probs", "model"}
-    saved = r.resume(stem, raw, stepper, FOLD_IDENTITY, f"Fold {k} checkpoint in {r.ckpt}", inputs)
+    saved = r.resume(stem, raw, stepper, fold_fields(cfg), f"Fold {k} checkpoint in {r.ckpt}", inputs)
     if saved is not None:
         start, best = int(saved["epoch"]), saved["best"]
         log.info(f"Fold {k}: resuming after epoch {start}")
@@ -390,7 +392,8 @@ def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> No
     oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
     atomic_write(r.files.fold_oof(k, r.ckpt), lambda tmp: oof.to_csv(tmp, index=False))
     save_atomic({"th": float(m["threshold"]), "f1": float(m["f1"]), "auc": float(m["roc_auc"]), "ap": float(m["ap"]),
-                 **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "inputs": inputs, "complete": True},
+                 **ident, "n_folds": cfg.n_folds, "fold_seed": cfg.fold_seed, "inputs": inputs,
+                 "config": dataclasses.asdict(cfg), "complete": True},
                 r.files.fold("meta", k))
 
 

@@ -21,6 +21,7 @@ from ..checkpoints import atomic_write
 from ..data.images import ImageIndex
 from ..data.align import read_align_settings
 from ..data.labels import group_codes, has_groups
+from ..safe_text import csv_frame
 from ..infer.folds import FoldSet
 from ..infer.record import CROP, Preprocessing
 from ..infer.resilient import Scores
@@ -139,7 +140,7 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
         if env.is_main:
             write_predictions(r.files.predictions_csv, ids, prob, scored.fold_probabilities())
             write_submission(r.files.submission_csv, ids, filled.labels, ids)
-            atomic_write(r.files.submission_issues_csv, lambda tmp: filled.issues.to_csv(tmp, index=False))
+            atomic_write(r.files.submission_issues_csv, lambda tmp: csv_frame(filled.issues).to_csv(tmp, index=False))
         for _, row in filled.issues.head(10).iterrows():
             log.info(f"guessed {row.Id}: {row.problem}")
         log.info(f"submission: {len(ids)} rows, {int(filled.labels.sum())} predicted fake (th={th:.4f}); {filled.summary()} "

@@ -6,8 +6,9 @@ records), writes the resolved config, and routes titan's warnings into the run l
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,9 +22,11 @@ from ..data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, de
 from ..device import to_float_image, use_channels_last
 from ..models.archs import arch_input, resolve_arch
 from ..runfiles import DEFAULT_PREFIX, RunFiles
+from ..runlock import folder_lock
 from ..runlog import RunLog
 from . import distributed, state
 from .distributed import DistEnv
+from .reuse import WEIGHT_SHAPING, changed_settings, describe
 
 PREFIX = DEFAULT_PREFIX
 
@@ -62,11 +65,16 @@ class TrainSession:
     def resume(self, stem: str, raw: torch.nn.Module, stepper, identity: Sequence[str], where: str,
                inputs: dict[str, str]) -> dict | None:
         """Load the newest complete ``{stem}_ep{N}.pth`` into ``raw`` and ``stepper`` and restore the RNG
-        streams → the saved state (None when there is none). Settings in ``identity`` and the
-        ``inputs`` digests must match: a state made from other data is refused, saying how to start afresh."""
+        streams → the saved state (None when there is none). A state made with other values of the
+        weight-shaping settings ``identity`` is dropped (logged: setting saved → now); one made from
+        other data (the ``inputs`` digests) is refused, saying how to start afresh."""
         saved = state.load_latest_state(self.ckpt, stem, self.log.info)
         if saved is not None:
-            check_resumable(saved.get("config"), self.cfg, identity, where)
+            stale = changed_settings(saved.get("config"), self.cfg, tuple(identity))
+            if stale:  # other weights than this run asks for: never continued, made afresh
+                self.log.info(f"{where}: starting afresh — it was made with {describe(stale)} (saved → now)")
+                state.remove_train_states(self.ckpt, stem)
+                return None
             changed = changed_inputs(saved.get("inputs"), inputs)
             if changed:
                 raise ValueError(f"{where} was made from other {' and '.join(changed)} than this run has (the label "
@@ -113,15 +121,35 @@ def session(cfg: TrainConfig, run: TrainSession | None = None, estimate: bool = 
     logger = logging.getLogger("titan")
     logger.addHandler(handler)
     try:
-        if env.is_main and not estimate:
-            files.folder.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, files.config_json)
-        log.record("config", **dataclasses.asdict(cfg))
-        log.info(f"run on {env.device} × {env.world_size} process(es); outputs in {files.folder.resolve()}")
-        yield TrainSession(cfg, env, log, files, files.folder / cfg.ckpt_dir)
+        # The run owns its folder: a second run there is refused before anything is written.
+        with folder_lock(files.folder, log.info) if env.is_main else nullcontext():
+            if env.is_main and not estimate:
+                save_run_config(cfg, files, log)
+            log.record("config", **dataclasses.asdict(cfg))
+            log.info(f"run on {env.device} × {env.world_size} process(es); outputs in {files.folder.resolve()}")
+            yield TrainSession(cfg, env, log, files, files.folder / cfg.ckpt_dir)
     finally:
         logger.removeHandler(handler)
         distributed.teardown_distributed()
+
+
+def save_run_config(cfg: TrainConfig, files: RunFiles, log: RunLog | None = None, weights_made: bool = False) -> None:
+    """``config_{prefix}.json`` describes the weights in the folder: written when there is none, when
+    its weight-shaping settings are this run's, or once this run has (re)made the weights
+    (``weights_made``); else kept until then (logged), so a run that does not train leaves it true."""
+    path = files.config_json
+    if path.is_file() and not weights_made:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        stale = changed_settings(saved, cfg, WEIGHT_SHAPING) if isinstance(saved, dict) else {}
+        if stale:
+            if log is not None:
+                log.info(f"NOTICE: {path.name} keeps describing the weights here ({describe(stale)}: saved → now) "
+                         "until this run has retrained them")
+            return
+    save_config(cfg, path)
 
 
 def resolved_identity(c: dict) -> dict:
@@ -133,15 +161,6 @@ def resolved_identity(c: dict) -> dict:
         a = resolve_arch(c.get("arch") or "", c.get("variant") or "v42")
         out.update(arch=a.name, variant=a.variant or "", input=arch_input(a, c.get("input") or "default"))
     return out
-
-
-def check_resumable(saved_config: dict, cfg: TrainConfig, names: Sequence[str], where: str) -> None:
-    """Refuse to continue from files made with settings that change what is being trained."""
-    saved, now = resolved_identity(saved_config or {}), resolved_identity(dataclasses.asdict(cfg))
-    diff = {n: (saved.get(n), now[n]) for n in names if n in saved and saved[n] != now[n]}
-    if diff:
-        raise ValueError(f"{where} was made with other settings {diff} (file vs now); "
-                         "use a fresh --out-dir, or delete it to start over")
 
 
 def face_dirs(cfg: TrainConfig) -> tuple[Path, Path]:

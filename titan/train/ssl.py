@@ -22,9 +22,9 @@ from ..models.convnextv2 import build_backbone, keep_stem_highpass
 from ..models.simmim import SimMIM
 from . import distributed, optim, state
 from .epoch import EpochStats, train_one_epoch
-from .session import TrainSession, face_dirs, resolved_identity, session
+from .reuse import SSL_SHAPING, changed_settings, describe
+from .session import TrainSession, face_dirs, session
 
-SSL_IDENTITY = ("arch", "variant", "img_size", "mask_patch", "mask_ratio", "input")
 
 
 def ssl_data(r: TrainSession) -> tuple[ConcatDataset, dict[str, str]]:
@@ -38,16 +38,17 @@ def ssl_data(r: TrainSession) -> tuple[ConcatDataset, dict[str, str]]:
 
 
 def ssl_done(r: TrainSession, inputs: dict[str, str]) -> bool:
-    """A finished SSL file made from these images; one made from others is retrained (logged)."""
+    """A finished SSL file made from these images with this run's SimMIM settings; one made from
+    others is retrained (logged, naming what changed)."""
     path = r.files.ssl_weights
     if not path.is_file():
         return False
     meta = read_meta(path)
     if int(meta.get("epoch", -1)) < r.cfg.ssl_epochs:
         return False
-    have, now = (resolved_identity({"arch": "", **c})["input"] for c in (meta, dataclasses.asdict(r.cfg)))
-    if have != now:  # its stem takes another input: it would not load into this run's backbone
-        r.log.info(f"SSL: retraining — {path.name} was made for the {have} input, this run's is {now}")
+    stale = changed_settings(meta.get("config"), r.cfg, SSL_SHAPING)
+    if stale:
+        r.log.info(f"SSL: retraining — {path.name} was made with {describe(stale)} (then → now)")
         state.remove_train_states(r.ckpt, "ssl")
         return False
     changed = changed_inputs(meta.get("inputs"), inputs)
@@ -107,7 +108,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
         aug = build_augment("ssl").to(dev)
 
         start, loss = 0, float("nan")
-        saved = r.resume("ssl", raw, stepper, SSL_IDENTITY, f"SSL checkpoint in {r.ckpt}", inputs)
+        saved = r.resume("ssl", raw, stepper, SSL_SHAPING, f"SSL checkpoint in {r.ckpt}", inputs)
         if saved is not None:
             start, loss = int(saved["epoch"]), float(saved.get("loss", float("nan")))
             log.info(f"SSL: resuming after epoch {start} from {r.ckpt}")

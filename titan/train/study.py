@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..models.archs import build_arch_backbone, parse_arch
-from ..checkpoints import atomic_write
+from ..checkpoints import atomic_json, atomic_write
 from ..config import TrainConfig, make_config
 from ..models.heads import build_head
 from ..runfiles import DATASET_DIR, FACES_DIR, TRAIN_CSV, log_files
@@ -136,8 +136,7 @@ def run_study(archs: Sequence[str], data: StudyData, out: str | os.PathLike, pre
             continue
         log.info(f"{a}: training {cfg.n_folds} folds × {cfg.ft_epochs} epoch(s) at {cfg.img_size}px, batch {cfg.batch_size}")
         row = train_arch(cfg)
-        text = json.dumps({"row": row, "config": key}, indent=2, default=float)
-        atomic_write(row_path, lambda tmp: Path(tmp).write_text(text + "\n"))
+        atomic_json({"row": row, "config": key}, row_path)  # strict JSON: a NaN score is null
         log.record("study_row", **row)
         rows.append(row)
     table = pd.DataFrame(rows)
