@@ -227,6 +227,7 @@ def test_streamed_body_without_length_past_the_limit_is_refused(client, photos):
     sent = []
 
     def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
         for _ in range(8):  # 8 MB against a 3 MB limit
             sent.append(1)
             yield b"\0" * (1024 * 1024)
