@@ -301,6 +301,18 @@ def test_video_past_its_duration_or_frame_limit_is_413(detector, photos, tmp_pat
         still_serving(c, photos)
 
 
+def test_decoded_pixels_past_the_in_flight_budget_are_503_and_released(detector, photos):
+    lim = Limits(max_pixels=100_000, max_inflight_pixels=100_000, frames=4)
+    with other_client(detector, limits=lim) as c:
+        r = post(c, *[(f"a{i}.jpg", photos["astro"]) for i in range(3)])  # 3 × 192² = 110,592 pixels
+        refused(r, 503, "busy", "pixels", "100,000")
+        assert r.headers["retry-after"] == "1"
+        for _ in range(3):  # what the refused request held was given back
+            still_serving(c, photos)
+    with pytest.raises(ServeError, match="--max-inflight-pixels"):
+        Limits(max_pixels=1000, max_inflight_pixels=999).check()
+
+
 # --- the token -----------------------------------------------------------------------------------
 
 def test_any_address_but_loopback_needs_a_token(monkeypatch, capsys, run_dir):

@@ -100,8 +100,8 @@ class Guard:
         await self.app(scope, counted, send)
 
 
-def _read_all(raw: list[tuple[str, bytes, str | None]], limits: Limits) -> list:
-    return [read_upload(name, data, ctype, limits) for name, data, ctype in raw]
+def _read_all(raw: list[tuple[str, bytes, str | None]], limits: Limits, reserve) -> list:
+    return [read_upload(name, data, ctype, limits, reserve) for name, data, ctype in raw]
 
 
 def create_app(service: Service) -> FastAPI:
@@ -125,6 +125,10 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Busy)
+    async def _busy(_request: Request, e: Busy) -> JSONResponse:
+        return error(503, f"busy: {e}; retry shortly", headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, e: Exception) -> JSONResponse:
@@ -178,13 +182,19 @@ def create_app(service: Service) -> FastAPI:
             raw = [(label(f.filename, i), await f.read(), f.content_type) for i, f in enumerate(files)]
         finally:
             await form.close()
-        uploads = await run_in_threadpool(_read_all, raw, lim)  # decoding runs beside the model's thread
-        del raw
-        try:
-            future = service.submit(uploads, cards=card)
-        except Busy as e:
-            return error(503, f"busy: {e}; retry shortly", headers={"Retry-After": "1"})
-        scored = await asyncio.wrap_future(future)
+        held: list[int] = []
+
+        def reserve(pixels: int) -> None:
+            service.reserve(pixels)
+            held.append(pixels)
+
+        try:  # decoding runs in a request thread, beside the model's
+            uploads = await run_in_threadpool(_read_all, raw, lim, reserve)
+            del raw
+            scored = await asyncio.wrap_future(service.submit(uploads, cards=card))
+            del uploads
+        finally:
+            service.release(sum(held))
         body = {"rows": scored.rows, "digest": service.digest, **({"cards": scored.cards} if card else {})}
         return JSONResponse(body, headers=SAFE_HEADERS)
 

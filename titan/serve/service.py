@@ -60,12 +60,14 @@ class ServeOptions(DetectorOptions):
     max_batch: int = option(16, "most uploaded images scored together on the model")
     max_wait_ms: float = option(10.0, "how long the first waiting image waits for others to join its batch")
     max_queue: int = option(256, "most images waiting for the model (503 with Retry-After above)")
+    max_inflight_pixels: int = option(400_000_000, "most decoded pixels held for all requests at once, about 3 bytes "
+                                                   "each (503 with Retry-After above)")
     batching: bool = option(True, "score every request alone (the benchmark's baseline)", flag="--no-batching",
                             switch=False)
 
     def limits(self) -> "Limits":
         return Limits(int(self.max_upload_mb * 1024 * 1024), self.max_files, self.max_pixels,
-                      self.max_video_seconds, self.max_video_frames, self.frames)
+                      self.max_video_seconds, self.max_video_frames, self.frames, self.max_inflight_pixels)
 
 
 @dataclass(frozen=True)
@@ -78,17 +80,22 @@ class Limits:
     max_video_seconds: float = 120.0
     max_video_frames: int = 7200
     frames: int = 16
+    max_inflight_pixels: int = 400_000_000
 
     def check(self) -> None:
-        for name in ("max_body", "max_files", "max_pixels", "max_video_seconds", "max_video_frames", "frames"):
+        for name in ("max_body", "max_files", "max_pixels", "max_video_seconds", "max_video_frames", "frames",
+                     "max_inflight_pixels"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ServeError(f"--{name.replace('_', '-')} {v}: must be a positive number")
+        if self.max_inflight_pixels < self.max_pixels:
+            raise ServeError(f"--max-inflight-pixels {self.max_inflight_pixels:,} is below --max-pixels "
+                             f"{self.max_pixels:,}: an image of the largest size allowed could never be scored")
 
     def as_dict(self) -> dict:
         return {"max_upload_bytes": self.max_body, "max_files": self.max_files, "max_pixels": self.max_pixels,
                 "max_video_seconds": self.max_video_seconds, "max_video_frames": self.max_video_frames,
-                "frames_per_video": self.frames}
+                "frames_per_video": self.frames, "max_inflight_pixels": self.max_inflight_pixels}
 
 
 class UploadError(Exception):
@@ -157,10 +164,12 @@ def _claims_video(name: str, content_type: str | None) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTS or (content_type or "").lower().startswith("video/")
 
 
-def read_upload(name: str, data: bytes, content_type: str | None, limits: Limits) -> Upload:
+def read_upload(name: str, data: bytes, content_type: str | None, limits: Limits,
+                reserve: Callable[[int], None] = lambda pixels: None) -> Upload:
     """Bytes of one uploaded file → its decoded image or sampled video frames, or ``UploadError``:
     413 past a size limit (read from the header, before decoding), 415 for a format that is
-    neither an image PIL recognises nor a video, 422 for a file of a known kind that does not decode."""
+    neither an image PIL recognises nor a video, 422 for a file of a known kind that does not decode.
+    ``reserve(pixels)`` is called with what decoding will hold, before decoding (it may refuse)."""
     if not data:
         raise UploadError(422, f"{name}: the file is empty (0 bytes)", name)
     try:
@@ -171,7 +180,7 @@ def read_upload(name: str, data: bytes, content_type: str | None, limits: Limits
                                f"{limits.max_pixels:,} pixels", name) from None
     except UnidentifiedImageError:
         if _claims_video(name, content_type):
-            return _read_video(name, data, limits)
+            return _read_video(name, data, limits, reserve)
         raise UploadError(415, f"{name}: not an image format PIL recognises, nor a video "
                                f"({', '.join(VIDEO_EXTS)}); send a photo (JPEG, PNG, WebP, ...) or a video", name) from None
     except Exception as e:  # noqa: BLE001 — a header PIL chokes on is this file's fault, said by name
@@ -179,6 +188,7 @@ def read_upload(name: str, data: bytes, content_type: str | None, limits: Limits
     if w * h > limits.max_pixels:
         raise UploadError(413, f"{name}: {w}×{h} = {w * h:,} pixels, above the limit of {limits.max_pixels:,}; "
                                "send a smaller image", name)
+    reserve(w * h)
     try:
         return Upload(name, "image", decode_image(name, limits.max_pixels, data=data))
     except ImageDecodeError as e:
@@ -212,7 +222,7 @@ def _count_packets(path: str, stop: int) -> int:
     return n
 
 
-def _read_video(name: str, data: bytes, limits: Limits) -> Upload:
+def _read_video(name: str, data: bytes, limits: Limits, reserve: Callable[[int], None]) -> Upload:
     """PyAV reads from a file: the bytes go to a temporary file of our own naming, removed on return."""
     ext = os.path.splitext(name)[1].lower()
     with tempfile.TemporaryDirectory(prefix="titan-serve-") as tmp:
@@ -231,6 +241,7 @@ def _read_video(name: str, data: bytes, limits: Limits) -> Upload:
             if n > limits.max_video_frames:
                 raise UploadError(413, f"{name}: {n if n <= limits.max_video_frames + 1 else 'more than ' + str(n)} "
                                        f"frames, above the limit of {limits.max_video_frames}; send a shorter clip", name)
+            reserve(w * h * min(n, limits.frames))
             frames, note = read_video(path, limits.frames)
         except ImageDecodeError as e:
             raise UploadError(422, f"{name}: cannot read the video: {e.reason}", name) from None
@@ -244,7 +255,7 @@ def _read_video(name: str, data: bytes, limits: Limits) -> Upload:
 # --- batching on the model -----------------------------------------------------------------------
 
 class Busy(Exception):
-    """More images wait for the model than ``max_queue``."""
+    """More work waits than the service takes on (images queued, pixels held): try again shortly."""
 
 
 @dataclass
@@ -392,6 +403,7 @@ class Service:
         self.legend = HtmlReport(detector.calibration).legend()
         self.batcher = Batcher(self._score, max_batch, max_wait, batching, max_queue)
         self.digest = detector.folds.digest()
+        self._pixels, self._pixels_lock = 0, threading.Lock()
 
     @classmethod
     def from_options(cls, opts: ServeOptions, say: Callable[[str], None] = log.info) -> "Service":
@@ -413,6 +425,18 @@ class Service:
     @property
     def ready(self) -> bool:
         return self.batcher.alive
+
+    def reserve(self, pixels: int) -> None:
+        """Hold ``pixels`` of decoded image memory for a request, or refuse (``Busy``) past the limit."""
+        with self._pixels_lock:
+            if self._pixels + pixels > self.limits.max_inflight_pixels:
+                raise Busy(f"{self._pixels:,} decoded pixels already held for other requests (limit "
+                           f"{self.limits.max_inflight_pixels:,})")
+            self._pixels += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._pixels_lock:
+            self._pixels -= pixels
 
     def _score(self, jobs: list[Job]) -> None:
         """In the worker thread: every image of every job in one ``score_images`` call, each video
