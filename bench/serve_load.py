@@ -4,13 +4,14 @@ with request batching on and off.
     python bench/serve_load.py [--clients 8] [--requests 50] [--weights-dir RUN] [--json out.json]
 
 For each mode (batching on, then ``--no-batching``) the script starts ``serve.py`` as a subprocess
-on a free 127.0.0.1 port (never any other address), waits for ``/readyz``, warms up with one
-concurrent round, then runs two phases: one client sending ``--requests`` requests back to back,
-and ``--clients`` clients sending ``--requests`` each at the same time. Every request posts one
-photo (the demo's face photos, ``--side`` px, JPEG) to ``/v1/detect`` and waits for its rows.
-Reported per phase: p50/p95 latency, images/s, errors; per mode: the server's RSS after warm-up
-and after the last phase, and its peak (VmHWM); the load average around the run (the machine may be
-shared). Bounded: each request times out after ``--timeout`` s, each phase stops after
+on a free 127.0.0.1 port (never any other address), waits for ``/readyz``, warms up (``--clients``
+clients × ``--warmup`` requests), then runs two phases: one client sending ``--requests`` requests
+back to back, and ``--clients`` clients sending ``--requests`` each at the same time. Every request
+posts one photo (the demo's face photos, ``--side`` px, JPEG) to ``/v1/detect`` and waits for its
+rows. Reported per phase: p50/p95 latency, images/s, errors, the mean batch the server ran; per
+mode: the server's RSS after warm-up, half-way through and at the end of the concurrent phase
+(flat = no growth in its second half), and its peak (VmHWM); the load average around the run (the
+machine may be shared). Bounded: each request times out after ``--timeout`` s, each phase stops after
 ``--max-seconds``, and the servers are stopped at the end. Without ``--weights-dir`` the folds are
 random atto folds at ``--img-size`` (``detect_bench.random_folds``): speed does not depend on the
 weights.
@@ -162,21 +163,64 @@ def phase(port: int, clients: int, requests: int, bodies: list[tuple[bytes, str]
             "p95_ms": round(float(np.percentile(ms, 95)), 1)}
 
 
+def batching_stats(port: int) -> dict:
+    c = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        c.request("GET", "/v1/model")
+        return json.loads(c.getresponse().read())["batching"]
+    finally:
+        c.close()
+
+
+class MemoryTrace:
+    """The server's RSS every ``every`` s while a phase runs: (seconds since start, MiB)."""
+
+    def __init__(self, server: Server, every: float = 0.5) -> None:
+        self.server, self.every, self.samples = server, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.every):
+            rss = self.server.memory().get("VmRSS")
+            if rss is not None:
+                self.samples.append((time.monotonic() - t0, rss))
+
+    def __enter__(self) -> "MemoryTrace":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, share: float) -> float:
+        """RSS at ``share`` of the phase's duration (the last sample before it)."""
+        if not self.samples:
+            return float("nan")
+        end = self.samples[-1][0]
+        return round(max((s for s in self.samples if s[0] <= share * end), default=self.samples[0])[1], 1)
+
+
 def run_mode(weights_dir: str, batching: bool, args: argparse.Namespace, bodies) -> dict:
     server = Server(weights_dir, batching, args)
     try:
-        phase(server.port, args.clients, 2, bodies, args.timeout, args.max_seconds)  # warm-up (allocator, threads)
+        phase(server.port, args.clients, args.warmup, bodies, args.timeout, args.max_seconds)  # allocator, threads, batches
         mem0 = server.memory()
         one = phase(server.port, 1, args.requests, bodies, args.timeout, args.max_seconds)
-        mem1 = server.memory()
-        many = phase(server.port, args.clients, args.requests, bodies, args.timeout, args.max_seconds)
+        before = batching_stats(server.port)
+        with MemoryTrace(server) as trace:
+            many = phase(server.port, args.clients, args.requests, bodies, args.timeout, args.max_seconds)
+        after = batching_stats(server.port)
         mem2 = server.memory()
     finally:
         server.stop()
+    batches = after["batches_run"] - before["batches_run"]
+    many["mean_batch"] = round((after["images_scored"] - before["images_scored"]) / max(batches, 1), 2)
     return {"batching": batching, "one_client": one, "concurrent": many,
             "rss_mib_after_warmup": round(mem0.get("VmRSS", float("nan")), 1),
-            "rss_mib_after_one_client": round(mem1.get("VmRSS", float("nan")), 1),
-            "rss_mib_after_concurrent": round(mem2.get("VmRSS", float("nan")), 1),
+            "rss_mib_concurrent_half": trace.at(0.5), "rss_mib_concurrent_end": round(mem2.get("VmRSS", float("nan")), 1),
             "peak_rss_mib": round(mem2.get("VmHWM", float("nan")), 1)}
 
 
@@ -187,8 +231,9 @@ def table(results: dict) -> str:
             p = m[key]
             lines.append(f"{'on' if m['batching'] else 'off':<9} {name:<12} {p['requests']:>8} {p['errors']:>6} "
                          f"{p['p50_ms']:>8.1f} {p['p95_ms']:>8.1f} {p['images_per_s']:>7.2f}")
-        lines.append(f"{'':<9} server RSS MiB: {m['rss_mib_after_warmup']} after warm-up, {m['rss_mib_after_one_client']} "
-                     f"after 1 client, {m['rss_mib_after_concurrent']} after {m['concurrent']['clients']} clients; "
+        lines.append(f"{'':<9} mean batch {m['concurrent']['mean_batch']} images; server RSS MiB: "
+                     f"{m['rss_mib_after_warmup']} after warm-up, {m['rss_mib_concurrent_half']} half-way through and "
+                     f"{m['rss_mib_concurrent_end']} at the end of the {m['concurrent']['clients']}-client phase; "
                      f"peak {m['peak_rss_mib']}")
     lines.append(f"concurrent with batching / one client at a time: {results['speedup_vs_one_client']:.2f}× "
                  f"(batching off, concurrent: {results['speedup_off']:.2f}×); load average "
@@ -200,6 +245,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
     ap.add_argument("--requests", type=int, default=50, help="requests per client (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=5, help="warm-up requests per client (default: %(default)s)")
     ap.add_argument("--weights-dir", default="", help="a run folder to serve; default: random atto folds")
     ap.add_argument("--folds", type=int, default=2, help="random folds when no --weights-dir (default: %(default)s)")
     ap.add_argument("--img-size", type=int, default=64, help="random folds' input size (default: %(default)s)")

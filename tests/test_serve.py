@@ -332,6 +332,11 @@ def test_any_address_but_loopback_needs_a_token(monkeypatch, capsys, run_dir):
     assert "TITAN_TOKEN" in capsys.readouterr().err
 
 
+def test_serve_exits_2_naming_the_files_when_no_weights_load(tmp_path, capsys):
+    assert serve.main(["--weights-dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert "v42_backbone_fold*.pth" in capsys.readouterr().err
+
+
 def test_token_is_checked_on_every_endpoint_but_the_health_checks(detector, photos):
     import base64
 
