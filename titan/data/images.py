@@ -5,6 +5,7 @@ naming it.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -101,12 +102,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(path: str | os.PathLike, max_pixels: int | None = None, data: bytes | None = None) -> np.ndarray:
     """Decode any PIL-readable image → (H,W,3) uint8 RGB, EXIF orientation applied.
 
     Decoding happens inside the try (``load()``), so a truncated file fails here, by name. An
     image of more than ``max_pixels`` (default ``MAX_PIXELS``) is refused from its header, before
-    any pixel is decoded.
+    any pixel is decoded. With ``data`` the image is decoded from those bytes (an upload) and
+    ``path`` only names it: nothing is read from the file system.
     """
     return decode_reduced(path, 0, max_pixels)[0]
 
@@ -134,9 +136,9 @@ def decode_reduced(path: str | os.PathLike, max_side: int = 0, max_pixels: int |
     path = Path(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise ImageDecodeError(path, "file is empty (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             if limit and img.width * img.height > limit:
                 raise ImageDecodeError(path, f"{img.width}×{img.height} = {img.width * img.height:,} pixels, above the "
                                              f"limit of {limit:,} (align_faces.py --max-pixels raises it)")

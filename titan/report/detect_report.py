@@ -259,15 +259,20 @@ class HtmlReport:
             f'<div class="name">{html.escape(res.path)}</div><div class="verdict">{html.escape(verdict)}</div>{bar}'
             f'<div class="note">{html.escape(_note(res) or ("1 face" if len(res.judged_by) == 1 else ""))}</div></div>')
 
+    def legend(self) -> str:
+        """How to read a card (plain text): the bar, the threshold, the band, the boxes, the heatmap."""
+        c = self.calibration
+        return (f"Bar: calibrated P(fake) (temperature {c.temperature:.3f}); black line: the run's threshold "
+                f"({c.threshold:.3f} raw = {c.calibrated_cut:.3f} calibrated); shaded: the uncertain band "
+                f"(±{c.band:.3f}). Boxes: the faces the verdict rests on; an image's verdict is its most fake face, "
+                "a video's the mean over its sampled frames (shown: the most suspicious frame). Heatmap: Grad-CAM of "
+                "the most fake face for the class called (red = most weight).")
+
     def write(self, path: str | Path, source: str) -> Path:
-        c, n = self.calibration, self.counts
+        n = self.counts
         meta = (f"{len(self.cards)} input(s): {n['fake']} fake, {n['real']} real, {n['uncertain']} uncertain, "
                 f"{n['error']} error(s) · {source}")
-        legend = (f"Bar: calibrated P(fake) (temperature {c.temperature:.3f}); black line: the run's threshold "
-                  f"({c.threshold:.3f} raw = {c.calibrated_cut:.3f} calibrated); shaded: the uncertain band "
-                  f"(±{c.band:.3f}). Boxes: the faces the verdict rests on; an image's verdict is its most fake face, "
-                  "a video's the mean over its sampled frames (shown: the most suspicious frame). Heatmap: Grad-CAM of "
-                  "the most fake face for the class called (red = most weight).")
+        legend = self.legend()
         page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Titan detection report</title>'
                 f"<style>{CSS}</style></head><body><h1>Titan detection report</h1>"
                 f'<p class="meta">{html.escape(meta)}</p><p class="legend">{html.escape(legend)}</p>'
