@@ -110,7 +110,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None, data: b
     any pixel is decoded. With ``data`` the image is decoded from those bytes (an upload) and
     ``path`` only names it: nothing is read from the file system.
     """
-    return decode_reduced(path, 0, max_pixels)[0]
+    return decode_reduced(path, 0, max_pixels, data)[0]
 
 
 def _shrink_decoded(img: Image.Image, max_side: int) -> Image.Image:
@@ -128,9 +128,10 @@ def _shrink_decoded(img: Image.Image, max_side: int) -> Image.Image:
     return img
 
 
-def decode_reduced(path: str | os.PathLike, max_side: int = 0, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
-    """``decode_image`` with the long side reduced to ``max_side`` (0: full size) as the file is
-    decoded — JPEG in draft mode (the decoder's own 1/2…1/8 scaling), others right after loading —
+def decode_reduced(path: str | os.PathLike, max_side: int = 0, max_pixels: int | None = None,
+                   data: bytes | None = None) -> tuple[np.ndarray, float]:
+    """``decode_image`` (``data``: from those bytes, ``path`` only names it) with the long side
+    reduced to ``max_side`` (0: full size) as the file is decoded — JPEG in draft mode (the decoder's own 1/2…1/8 scaling), others right after loading —
     so memory follows ``max_side``, not the file's pixel count. Returns (image, scale): decoded
     pixels per source pixel (1.0 when not reduced), to map boxes back to the source."""
     path = Path(path)

@@ -62,8 +62,8 @@ class ServeOptions(DetectorOptions):
     max_queue: int = option(256, "most images waiting for the model (503 with Retry-After above)")
     max_inflight_pixels: int = option(400_000_000, "most decoded pixels held for all requests at once, about 3 bytes "
                                                    "each (503 with Retry-After above)")
-    batching: bool = option(True, "score every request alone (the benchmark's baseline)", flag="--no-batching",
-                            switch=False)
+    batching: bool = option(True, "batch concurrent requests together on the model (--no-batching: score every "
+                                  "request alone, the benchmark's baseline)")
 
     def limits(self) -> "Limits":
         return Limits(int(self.max_upload_mb * 1024 * 1024), self.max_files, self.max_pixels,
@@ -384,12 +384,13 @@ class Batcher:
 # --- the service ---------------------------------------------------------------------------------
 
 def preprocessing_record(det: Detector) -> dict:
-    """What is done to an upload before the model sees it. The one place that says it, so that it
-    can switch to the folds' own preprocessing record: for now what the fold set and detector expose."""
-    fs = det.folds
-    return {"arch": fs.arch, "variant": fs.variant, "head": fs.head, "img_size": det.img_size,
-            "img_size_source": fs.size_note(det.img_size), "tta": list(det.views), "margin": det.margin,
-            "min_prob": det.face_detector.min_prob, "max_side": det.face_detector.max_side}
+    """What is done to an upload before the model sees it: the folds' preprocessing record as the
+    detector resolved it (``titan.infer.record``), with where each value came from."""
+    fs, prep = det.folds, det.prep
+    return {"arch": fs.arch, "variant": fs.variant, "head": fs.head, "input": prep.input, "img_size": prep.img_size,
+            "mean": list(prep.mean), "std": list(prep.std), "tta": list(prep.tta), "oof_tta": list(prep.oof_tta),
+            "margin": prep.margin, "min_prob": prep.min_prob, "max_side": prep.max_side,
+            "sources": dict(prep.sources), "recorded": sorted(prep.recorded)}
 
 
 class Service:
