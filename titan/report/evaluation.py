@@ -270,7 +270,7 @@ def write_outputs(out_dir: Path, data: LabelledSet, scores: pd.DataFrame, cal: C
     metrics = clean_metrics(scores, cal, n_boot=n_boot)
     if one_class is not None:
         ok = scores[(scores.degradation == "clean") & (scores.status == "ok")]
-        p = sigmoid(ok.logit.to_numpy(float))
+        p = cal.probabilities(ok.logit.to_numpy(float))[0]
         keys = ("f1", "precision", "recall", "roc_auc", "ap", "tpr_at_1fpr", "tpr_at_5fpr", "missed_fakes")
         metrics["run_threshold"] = oc.one_class_block(one_class, p, cal.threshold, n_boot, keys=keys)
         metrics["best_threshold"] = None  # no F1 to maximise

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..infer.calibration import decide
+
 UNDEFINED = "n/a (one class)"
 CLASS_NAMES = {0: "real (0)", 1: "fake (1)"}
 
@@ -44,7 +46,7 @@ def one_class_block(cls: int, prob: np.ndarray, threshold: float, n_boot: int = 
                     keys: tuple[str, ...] = ()) -> dict:
     """One threshold's metrics on one class: the defined rates with intervals, every other
     headline key (``keys``) null."""
-    called_fake = (prob >= threshold).astype(float)
+    called_fake = decide(prob, threshold).astype(float)
     out: dict = {"threshold": float(threshold), **{k: None for k in keys}}
     if cls == 0:
         out["false_positive_rate"] = _rate(called_fake, n_boot, seed)
