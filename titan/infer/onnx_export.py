@@ -33,6 +33,7 @@ from ..config import ScriptOptions, option
 from ..data.images import square_resize, to_chw_uint8
 from ..models.archs import ImageNetNormalize
 from ..models.frequency import FrequencyInput, MatmulFrequencyInput
+from ..runfiles import RunFiles
 from .folds import FoldSet
 from .onnx_engine import FORMAT, INPUT, OUTPUT, OnnxEngineError, file_sha256, session_options, sidecar_path, stack_views
 from .tta import TTA_PRESETS, resolve_tta
@@ -157,9 +158,10 @@ def check_parity(path: str | Path, reference: nn.Module, x: torch.Tensor) -> flo
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    got = sess.run([OUTPUT], {INPUT: x.numpy()})[0]
+    parts = torch.split(x, 4)  # a few inputs at a time: five 512 px folds stay within a laptop's memory
+    got = np.concatenate([sess.run([OUTPUT], {INPUT: p.numpy()})[0] for p in parts], axis=1)
     with torch.no_grad():
-        want = reference(x).numpy()
+        want = torch.cat([reference(p) for p in parts], dim=1).numpy()
     if got.shape != want.shape or not np.isfinite(got).all():
         return float("inf")
     return float(np.abs(got - want).max())
@@ -170,7 +172,7 @@ def export_onnx(opts: ExportOptions, say: Callable[[str], None] = log.info) -> E
     t0 = time.time()
     fs = FoldSet.from_folder(opts.weights_dir, opts.prefix)
     size = fs.input_size(opts.img_size, opts.force_img_size, say)
-    out = Path(opts.out) if opts.out else Path(opts.weights_dir) / f"{opts.prefix}_ensemble.onnx"
+    out = Path(opts.out) if opts.out else RunFiles(Path(opts.weights_dir), opts.prefix).ensemble_onnx
     if out.suffix != ".onnx":
         raise ExportError(f"--out {out}: name the file .onnx (its sidecar is written beside it as .json)")
     views, tta_src, crop = resolve_record(fs, opts.tta)
