@@ -10,7 +10,7 @@ import torch
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
 from test_train_pipeline import cfg_for, make_faces
 from titan.train import finetune, pipeline
-from titan.models.archs import EffNetB3FPNCBAM, MobileNetV2Body
+from titan.models.archs import EffNetB3FPNCBAM, MobileNetV2Body, parse_arch
 from titan.models.efficientnet_lite import EfficientNetLite0
 from titan.runlog import RunLog
 from titan.checkpoints import load_file, read_meta
@@ -90,10 +90,11 @@ def test_make_diamonds_and_safe_inference_serve_baseline_folds(runs, data, arch,
     assert s.n_rows == 4 and not s.folds_skipped
 
 
-def test_gradcam_refuses_a_baseline_fold_by_name(runs):
-    f, _ = find_fold_files(runs["mobilenetv2"], "v42")
-    with pytest.raises(ValueError, match="TitanNet .* only; .* MobileNetV2Body"):
-        signed_cam(load_fold(f).model, torch.rand(1, 3, 64, 64))
+@pytest.mark.parametrize("arch", list(BODY))
+def test_gradcam_explains_a_trained_fold_of_every_arch_at_its_registry_layer(runs, arch):
+    f, _ = find_fold_files(runs[arch], "v42")
+    cam, logit = signed_cam(load_fold(f).model, torch.rand(1, 3, 64, 64), parse_arch(arch).cam)
+    assert cam.ndim == 3 and torch.isfinite(cam).all() and cam.abs().amax() > 0 and logit.shape == (1,)
 
 
 def test_finished_folds_of_another_arch_are_not_reused(runs, data, monkeypatch):

@@ -77,6 +77,7 @@ class RunFiles:
     predictions_csv = property(lambda self: self.named("predictions_{prefix}.csv"))
     submission_csv = property(lambda self: self.named("submission_{prefix}.csv"))
     submission_issues_csv = property(lambda self: self.named("submission_{prefix}_issues.csv"))
+    ensemble_onnx = property(lambda self: self.named("{prefix}_ensemble.onnx"))  # export.py (its sidecar: .json)
 
 
 def fold_number(path: str | os.PathLike) -> int | None:

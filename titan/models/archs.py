@@ -9,9 +9,11 @@ checkpoint can be loaded with ``load_imagenet_weights``.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -82,13 +84,83 @@ class EffNetB3FPNCBAM(nn.Module):
 
 
 @dataclass(frozen=True)
+class CamLayer:
+    """Where Grad-CAM reads an architecture's evidence (``titan.report.gradcam``).
+
+    ``module``: a dotted path inside the backbone (``backbone.get_submodule``) or a function
+    backbone → module. Its output in a forward pass is the map that is explained; a module called
+    more than once per pass (a shared activation) is read at its last call. ``to_map`` turns that
+    output, and its gradient the same way, into a (B,C,h,w) map: None when it already is one, a
+    reshape hook such as ``tokens_to_grid`` for a transformer's tokens.
+    """
+
+    module: str | Callable[[nn.Module], nn.Module]
+    to_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def resolve(self, backbone: nn.Module) -> nn.Module:
+        if callable(self.module):
+            return self.module(backbone)
+        try:
+            return backbone.get_submodule(self.module)
+        except AttributeError:
+            raise ValueError(f"the Grad-CAM layer {self.module!r} is not a module of {type(backbone).__name__}; "
+                             "fix the architecture's registry entry (titan/models/archs.py)") from None
+
+
+def tokens_to_grid(tokens: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+    """A ViT's tokens (B, prefix + h·w, C), batch first → the patch grid (B,C,h,w), without the CLS
+    (``prefix_tokens``) token(s).
+
+    Which tokens: the last block's, but read where they still reach the logit. A head on the CLS
+    token sees the last block's *output* patch tokens not at all (their gradient is exactly zero:
+    after the last block only the CLS token is used), so the hook goes on the last block's first
+    LayerNorm (timm ``blocks[-1].norm1``, CLIP ``resblocks[-1].ln_1``): the tokens entering the last
+    block, as pytorch-grad-cam does for ViTs. A head on the mean of the tokens may read the output."""
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens_to_grid expects (B, tokens, C), got shape {tuple(tokens.shape)}")
+    b, n, c = tokens.shape
+    side = math.isqrt(n - prefix_tokens)
+    if side * side != n - prefix_tokens or side == 0:
+        raise ValueError(f"{n} tokens minus {prefix_tokens} prefix token(s) do not make a square patch grid")
+    return tokens[:, prefix_tokens:].transpose(1, 2).reshape(b, c, side, side)
+
+
+@dataclass(frozen=True)
 class Arch:
     name: str
     head: str          # titan.heads kind
     ssl: bool          # SimMIM pretraining applies (9-channel ConvNeXt V2 only)
+    cam: CamLayer      # the layer Grad-CAM explains
     variant: str | None = None
     input: str = "imagenet-rgb"  # its own input (frequency.INPUTS, or RGB by ImageNet's mean/std): "default"
     any_input: bool = False      # takes any of frequency.INPUTS (--input)
+
+
+# TitanNet: the last stage's map, before pooling and the feature norm.
+TITAN_CAM = CamLayer("stages.3")
+# EfficientNet-Lite0: the head conv's activation; ``_swish`` (ReLU6 in Lite) also follows the stem,
+# so its last call in a pass is the head's.
+LITE0_CAM = CamLayer("net._swish")
+# A ViT: the patch tokens entering the last block, as a (B,C,h,w) grid.
+CLIP_CAM = CamLayer(lambda backbone: backbone.blocks[-1].norm1, tokens_to_grid)
+
+# The fixed-name architectures; ``titan-<variant>`` entries are made from ``VARIANTS``.
+BASELINES: dict[str, Arch] = {
+    "mobilenetv2": Arch("mobilenetv2", "linear", False, CamLayer("features")),
+    # the last backbone stage (stride 32): its evidence reaches the logit through every FPN level
+    "effnet-b3-fpn-cbam": Arch("effnet-b3-fpn-cbam", "linear", False, CamLayer(f"features.{max(EffNetB3FPNCBAM.taps)}")),
+    # efficientnet-lite0-9ch is the name its 9-channel input had before --input
+    **{name: Arch(name, "linear", False, LITE0_CAM, input="rgb" if name == LITE0_ARCHS[0] else "rgb+fft+srm",
+                  any_input=name == LITE0_ARCHS[0]) for name in LITE0_ARCHS},
+    # CLIP's mean/std, in the body; the tokens entering the last block (its CLS head gives the output's
+    # patch tokens no gradient: see tokens_to_grid)
+    **{name: Arch(name, "linear", False, CLIP_CAM, input="clip-rgb") for name in CLIP_ARCHS},
+}
+
+
+def registered_archs() -> list[str]:
+    """Every architecture name ``parse_arch`` accepts."""
+    return [f"titan-{v}" for v in VARIANTS] + list(BASELINES)
 
 
 def parse_arch(name: str) -> Arch:
@@ -98,16 +170,11 @@ def parse_arch(name: str) -> Arch:
         variant = name[len("titan-"):]
         if variant not in VARIANTS:
             raise ValueError(f"unknown arch {name!r}: titan variants are {sorted(VARIANTS)}")
-        return Arch(name, "arcface" if variant == "v38" else "linear", True, variant, input="rgb+fft+srm", any_input=True)
-    if name in LITE0_ARCHS:  # efficientnet-lite0-9ch is the name its 9-channel input had before --input
-        rgb = name == LITE0_ARCHS[0]
-        return Arch(name, "linear", False, input="rgb" if rgb else "rgb+fft+srm", any_input=rgb)
-    if name in ("mobilenetv2", "effnet-b3-fpn-cbam"):
-        return Arch(name, "linear", False)  # imagenet-rgb: ImageNetNormalize, in the body
-    if name in CLIP_ARCHS:
-        return Arch(name, "linear", False, input="clip-rgb")  # CLIP's mean/std, in the body
-    raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, mobilenetv2, effnet-b3-fpn-cbam, "
-                     f"{', '.join(LITE0_ARCHS)} or {', '.join(CLIP_ARCHS)}")
+        return Arch(name, "arcface" if variant == "v38" else "linear", True, TITAN_CAM, variant, input="rgb+fft+srm",
+                    any_input=True)
+    if name in BASELINES:
+        return BASELINES[name]
+    raise ValueError(f"unknown arch {name!r}; choose titan-<variant>, {', '.join(BASELINES)}")
 
 
 def resolve_arch(arch: str, variant: str) -> Arch:

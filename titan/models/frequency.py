@@ -65,11 +65,15 @@ class FrequencyInput(nn.Module):
         with full_precision(x.device):
             x = x.float()
             h, w = x.shape[-2:]
-            amp = torch.log1p(torch.fft.rfft2(x).abs())  # (B,3,H,W//2+1)
+            amp = torch.log1p(self.rfft2_abs(x))  # (B,3,H,W//2+1)
             amp = (amp - FFT_SHIFT) / FFT_SCALE
             amp = F.interpolate(amp, size=(h, w), mode="bilinear", align_corners=False)
             srm = F.conv2d(x, self.srm_kernel.float(), padding=1, groups=3) * SRM_SCALE
             return torch.cat([rgb(x), amp, srm], dim=1)
+
+    def rfft2_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """|rfft2(x)| over the last two dims: (…,H,W) → (…,H,W//2+1)."""
+        return torch.fft.rfft2(x).abs()
 
 
 class RGBInput(nn.Module):
@@ -105,3 +109,34 @@ def build_input(name: str) -> nn.Module:
     if name not in INPUTS:
         raise ValueError(f"unknown input {name!r}; choose one of {sorted(INPUTS)}")
     return INPUTS[name]()
+
+
+class MatmulFrequencyInput(FrequencyInput):
+    """``FrequencyInput`` with the FFT written as two real matrix products, for ONNX export.
+
+    Why: the TorchScript ONNX exporter has no ``aten::fft_rfft2`` (torch 2.14.1, opset 17: "not
+    supported") and the dynamo exporter needs onnxscript. The DFT as cos/sin matrices (built in
+    float64 for the input size it is traced at) is exact up to float rounding: with X = C_H·x·C_W
+    − S_H·x·S_W + i(−S_H·x·C_W − C_H·x·S_W), |X| is the FFT's amplitude. Same state dict
+    (``srm_kernel``); the matrices are rebuilt, not saved.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @staticmethod
+    def _dft(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of 2π·j·k/n for j < n, k < m (float64, then float32)."""
+        jk = torch.outer(torch.arange(n, dtype=torch.float64), torch.arange(m, dtype=torch.float64))
+        a = 2.0 * torch.pi * torch.remainder(jk, n) / n  # reduce first: exact angles for large j·k
+        return torch.cos(a).float(), torch.sin(a).float()
+
+    def rfft2_abs(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ch, sh = self._dft(h, h)
+        cw, sw = self._dft(w, w // 2 + 1)
+        ch, sh, cw, sw = (t.to(x.device) for t in (ch, sh, cw, sw))
+        a, b = x @ cw, x @ sw  # the real DFT along W
+        re = ch @ a - sh @ b
+        im = sh @ a + ch @ b  # the sign of the imaginary part does not change |X|
+        return torch.sqrt(re * re + im * im)

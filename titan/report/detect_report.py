@@ -13,7 +13,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -123,17 +123,14 @@ def overlay(crop: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
 class Explainer:
     """Grad-CAM overlays of the faces an input is judged by, for the class each was called."""
 
-    def __init__(self, detector: Detector, say: Callable[[str], None], batch_size: int = 8) -> None:
+    def __init__(self, detector: Detector, batch_size: int = 8) -> None:
         self.models = detector.predictor.on_device
         self.device = detector.predictor.device
         self.batch_size = batch_size
-        self.usable = all(hasattr(m.backbone, "forward_maps") for m in self.models)
-        if not self.usable:
-            say(f"NOTICE: no heatmaps: Grad-CAM reads TitanNet's last-stage map, and these folds are "
-                f"{detector.folds.arch} (a baseline architecture)")
+        self.arch = detector.folds.arch  # its registry entry names the layer Grad-CAM explains
 
     def __call__(self, res: InputResult, every_face: bool) -> list[tuple[FaceResult, np.ndarray]]:
-        if not (self.usable and res.scored):
+        if not res.scored:
             return []
         faces = [f for f in res.judged_by if f.crop is not None]
         if not every_face:
@@ -142,7 +139,7 @@ class Explainer:
         for i in range(0, len(faces), self.batch_size):
             chunk = faces[i:i + self.batch_size]
             x = torch.stack([to_chw_uint8(f.crop) for f in chunk]).to(self.device).float().div_(255.0)
-            cams, _ = gradcam(self.models, x, torch.tensor([f.decision == "fake" for f in chunk]))
+            cams, _ = gradcam(self.models, x, torch.tensor([f.decision == "fake" for f in chunk]), arch=self.arch)
             out += [(f, overlay(f.crop, cam)) for f, cam in zip(chunk, cams.cpu().numpy())]
         return out
 
@@ -320,7 +317,7 @@ def run_detect(opts: DetectOptions, log: RunLog | None = None) -> DetectRun:
 def _run_detect(opts: DetectOptions, log: RunLog) -> DetectRun:
     sources = expand_inputs(opts.inputs, log.info)
     detector = opts.detector(log.info, band=opts.uncertain_band)
-    explain = Explainer(detector, log.info) if opts.heatmaps or opts.html else None
+    explain = Explainer(detector) if opts.heatmaps or opts.html else None
     heatmaps = HeatmapWriter(opts.heatmaps) if opts.heatmaps else None
     page = HtmlReport(detector.calibration) if opts.html else None
     log.info(f"{len(sources)} input(s): {sum(s.kind == 'image' for s in sources)} image(s), "

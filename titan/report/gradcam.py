@@ -1,7 +1,9 @@
 """Grad-CAM of a fold ensemble: where on the face the models look for their decision.
 
-Per fold, the gradient of the fake logit with respect to the backbone's last-stage map weights
-that map's channels (Selvaraju et al., Grad-CAM). The signed maps of the folds are normalised per
+Per fold, the gradient of the fake logit with respect to a feature map weights that map's
+channels (Selvaraju et al., Grad-CAM). Which map is the architecture's choice: its registry entry
+(``titan.models.archs``, ``Arch.cam``) names the module, and a reshape for token outputs (a ViT's
+last block, CLS dropped, laid on the patch grid). The signed maps of the folds are normalised per
 image (each fold gets an equal vote), averaged, then the sign of the explained class is applied:
 the fake logit for images called fake, its negative for images called real. Because the logit is
 linear in the sign, one backward pass per fold serves both classes.
@@ -24,6 +26,7 @@ from ..data.images import ImageDecodeError, ImageIndex, decode_image, square_res
 from ..data.ids import check_id
 from ..infer.calibration import decide, ensemble_probability
 from ..infer.folds import FoldSet, find_fold_files
+from ..models.archs import CamLayer, parse_arch
 from ..models.classifier import FoldModel
 from ..device import resolve_device
 from ..runfiles import DEFAULT_PREFIX, TEST_FACES, RunFiles
@@ -32,33 +35,50 @@ from .logparse import read_prob_csv
 log = logging.getLogger("titan")
 
 
-def signed_cam(model: FoldModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_c w_c·A_c at map resolution (B,h,w), fake logit (B,)) for a float [0,1] batch."""
-    bb = model.backbone
-    if not hasattr(bb, "forward_maps"):
-        raise ValueError(f"Grad-CAM explains TitanNet (ConvNeXt V2) folds only; this fold's backbone is "
-                         f"{type(bb).__name__} (a baseline from the architecture study)")
-    with torch.enable_grad():
-        x = x.detach().float().requires_grad_(True)  # gives the map a graph even with frozen weights
-        fmap = bb.forward_maps(bb.preproc(x))
-        logit = model.head(bb.pool(fmap)).float()
-        (grad,) = torch.autograd.grad(logit.sum(), fmap)
-    weights = grad.float().mean(dim=(2, 3), keepdim=True)  # channel importance: pooled gradient
-    return (weights * fmap.detach().float()).sum(1), logit.detach()
+def signed_cam(model: FoldModel, x: torch.Tensor, layer: CamLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_c w_c·A_c at map resolution (B,h,w), fake logit (B,)) for a float [0,1] batch; A is the
+    output of the architecture's Grad-CAM ``layer`` (its registry entry), read by a forward hook."""
+    module = layer.resolve(model.backbone)
+    seen: list[torch.Tensor] = []
+    hook = module.register_forward_hook(lambda _m, _inp, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.enable_grad():
+            x = x.detach().float().requires_grad_(True)  # gives the map a graph even with frozen weights
+            logit = model(x).float()
+            if not seen:
+                raise ValueError(f"the Grad-CAM layer {layer.module!r} never ran in {type(model.backbone).__name__}'s "
+                                 "forward pass; fix the architecture's registry entry (titan/models/archs.py)")
+            act = seen[-1]  # a module called several times (a shared activation): its last call
+            (grad,) = torch.autograd.grad(logit.sum(), act)
+    finally:
+        hook.remove()
+    to_map = layer.to_map or (lambda t: t)
+    fmap, grad = to_map(act.detach().float()), to_map(grad.float())
+    if fmap.ndim != 4:
+        raise ValueError(f"the Grad-CAM layer {layer.module!r} gives shape {tuple(fmap.shape)}, not a (B,C,h,w) map; "
+                         "give its registry entry a to_map (e.g. tokens_to_grid for a ViT)")
+    if not bool(grad.abs().amax() > 0):  # no gradient reaches the layer: every heatmap would be black
+        raise ValueError(f"the fake logit does not depend on the Grad-CAM layer {layer.module!r} of "
+                         f"{type(model.backbone).__name__} (zero gradient); fix the architecture's registry entry "
+                         "(for a ViT with a CLS-token head: the last block's first norm, see tokens_to_grid)")
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # channel importance: pooled gradient
+    return (weights * fmap).sum(1), logit.detach()
 
 
 def gradcam(models: Sequence[FoldModel], x: torch.Tensor, explain_fake: torch.Tensor | None = None,
-            threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+            threshold: float = 0.5, *, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Ensemble Grad-CAM → (heatmaps (B,H,W) in [0,1] at the input size, ensemble P(fake) (B,)).
 
+    ``arch`` (the folds' architecture) names the layer explained: its registry entry's ``cam``.
     ``explain_fake`` (B,) bool picks the class explained per image; by default the ensemble's
     own call at ``threshold``. A map with no positive evidence is all zeros, never nan.
     """
     if not models:
         raise ValueError("gradcam needs at least one fold model")
+    layer = parse_arch(arch).cam
     maps, logits = [], []
     for m in models:
-        s, logit = signed_cam(m.eval(), x)
+        s, logit = signed_cam(m.eval(), x, layer)
         scale = s.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None]
         maps.append(s / scale)
         logits.append(logit)
@@ -132,13 +152,11 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
         check_id(s, f"{pred_path} line {i + 2}: ")
     dev = resolve_device(device)
     fs = FoldSet.from_folder(weights_dir, prefix)
-    if not fs.arch.startswith("titan-"):
-        raise ValueError(f"--explain: Grad-CAM reads TitanNet's last-stage map; {', '.join(fs.names)} ({fs.arch}) "
-                         "are baseline architectures — explain a titan-* run instead")
     models = [m.to(dev).eval() for m in fs.models]
     size = fs.input_size(img_size or 0, force_preprocessing, log.warning)
-    if size % 32:
-        raise ValueError(f"image size {size} is not a multiple of 32 (the backbone's stride); pass --img-size")
+    stride = getattr(fs.models[0].backbone, "stride", 1)  # ConvNeXt V2 needs a multiple of its total stride
+    if size % stride:
+        raise ValueError(f"image size {size} is not a multiple of {stride} (the backbone's stride); pass --img-size")
     threshold, th_note = fs.threshold()
     index = ImageIndex(test_dir)
     log.info("Grad-CAM: %s from %s, %dpx, threshold %.3f (%s), faces from %s", fs.describe(), weights_dir, size,
@@ -171,7 +189,7 @@ def explain_gallery(out_path: str | os.PathLike, n: int, weights_dir: str | os.P
                 chunk = faces[start:start + batch_size]
                 x = torch.stack([to_chw_uint8(im) for _, im in chunk]).to(dev).float().div_(255.0)
                 explain_fake = torch.from_numpy(decide([r.prob for r, _ in chunk], threshold)).bool()
-                cams, _ = gradcam(models, x, explain_fake, threshold)
+                cams, _ = gradcam(models, x, explain_fake, threshold, arch=fs.arch)
                 for (r, im), cam, fake in zip(chunk, cams.cpu().numpy(), explain_fake.tolist()):
                     call = "fake" if fake else "real"
                     items.append({"image": im, "cam": cam, "title": f"{_short(r.Id)}\nP(fake) {r.prob:.3f} → {call}"})
