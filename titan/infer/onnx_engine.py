@@ -24,7 +24,7 @@ import torch
 from ..checkpoints import CheckpointError
 from ..runfiles import RunFiles
 from .folds import Fold, FoldSet, find_fold_files
-from .tta import parse_tta, resolve_tta, tta_view
+from .tta import resolve_tta, tta_view
 
 log = logging.getLogger("titan")
 
@@ -128,7 +128,7 @@ CPU only (the onnxruntime package in requirements.txt).
         self.names: list[str] = list(self.record["folds"])
         self.img_size = int(self.record["img_size"])
         views = views or self.record["tta"]
-        self.views = resolve_tta(views) if isinstance(views, str) else parse_tta(views)
+        self.views = resolve_tta(views)
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device("cpu")
         self.notes: list[str] = []

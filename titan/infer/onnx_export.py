@@ -58,7 +58,8 @@ class ExportOptions(ScriptOptions):
     prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
     out: str = option("", "the .onnx file to write; default WEIGHTS_DIR/PREFIX_ensemble.onnx (the sidecar .json beside it)")
     img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
-    force_img_size: bool = option(False, "export at --img-size even when the folds were trained at another size", switch=True)
+    force_preprocessing: bool = option(False, "export at --img-size even when the folds were trained at another size",
+                                       aliases=("--force-img-size",))
     tta: str = option("", "TTA views the sidecar records for the engine: full, minimal or a list; '' = the folds' "
                           "record, else full")
     tolerance: float = option(PARITY_TOLERANCE, "largest |ONNX − PyTorch| logit allowed on the check photos")
@@ -171,7 +172,7 @@ def export_onnx(opts: ExportOptions, say: Callable[[str], None] = log.info) -> E
     """Write ``opts.out`` (.onnx) and its sidecar (.json), atomically, after the parity check."""
     t0 = time.time()
     fs = FoldSet.from_folder(opts.weights_dir, opts.prefix)
-    size = fs.input_size(opts.img_size, opts.force_img_size, say)
+    size = fs.input_size(opts.img_size, opts.force_preprocessing, say)
     out = Path(opts.out) if opts.out else RunFiles(Path(opts.weights_dir), opts.prefix).ensemble_onnx
     if out.suffix != ".onnx":
         raise ExportError(f"--out {out}: name the file .onnx (its sidecar is written beside it as .json)")
