@@ -190,11 +190,12 @@ def plot_report(rep: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
         for xi, v in zip(pos, auc):
             ax.text(xi, 0.02, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="bottom", fontsize=8, color="white")
     ax.axhline(0.5, color="grey", linestyle=":", lw=1, label="chance")
-    ax.set_xticks(x, groups)
+    counts = [next((m["n_fakes"] for m in rep["per_kind"][k].values() if m), 0) for k in groups[1:]]
+    ax.set_xticks(x, ["overall"] + [f"{k}\n({n} fakes)" for k, n in zip(groups[1:], counts)])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("ROC-AUC (out-of-fold)")
     ax.set_title("ROC-AUC per fake kind (reals vs that kind), in-domain vs leave-source-out")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
     return save(fig, path)
 
 
