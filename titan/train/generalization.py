@@ -202,7 +202,7 @@ def check_groups(oof: pd.DataFrame, groups: pd.Series, where: str = "") -> None:
 class ProtocolRun:
     oof: pd.DataFrame       # Id, target_feature, prob, fold
     threshold: float        # the run's decision threshold
-    seconds: float          # training wall time of the run that finished it
+    seconds: float          # training wall time, summed over the bench's calls that trained this run folder
     reused: bool
 
 
@@ -233,7 +233,8 @@ def run_protocol(protocol: str, rows: pd.DataFrame, faces: Path, cfg: TrainConfi
         argv = [sys.executable, str(REPO / "train_v42_diamond.py"), *flags, "--stages", STAGES,
                 "--faces-dir", str(faces), "--train-csv", str(d / "labels.csv"), "--fallback-csv", str(d / "labels.csv"),
                 "--out-dir", str(run.folder)]
-        seconds = _run(argv, f"train {protocol}", log)
+        # the time this run folder cost: an interrupted or changed run's earlier calls count too
+        seconds = float(saved.get("seconds", 0.0)) + _run(argv, f"train {protocol}", log)
     oof = pd.read_csv(run.oof_csv, dtype={"Id": str})
     if protocol == "leave_source_out":
         check_groups(oof, rows.set_index("Id").repo, f"{protocol} ({run.oof_csv}): ")
