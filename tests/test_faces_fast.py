@@ -10,7 +10,7 @@ import torch
 from torch.nn.functional import interpolate
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
-from titan.data.faces import NO_FACE, FaceDetector, face_crop
+from titan.data.faces import MIN_FACE_PX, NO_FACE, FaceDetector, all_faces, face_crop
 from titan.data.images import decode_image
 from titan.data.mtcnn_fast import AreaSampler, _pnet, detect_faces, pyramid_scales
 
@@ -109,6 +109,21 @@ def test_a_larger_min_face_size_skips_the_first_scales_and_keeps_the_rest():
     assert pyramid_scales(512, 512, 30) == full[1:]
     assert pyramid_scales(512, 512, 12)[0] == pytest.approx(1.0)  # below 20: facenet's own pyramid
     assert pyramid_scales(19, 4000, 20) == [] and len(pyramid_scales(20, 20, 20)) == 1
+
+
+def test_default_min_face_finds_the_same_faces_and_skips_smaller_ones(photos, reference):
+    """MIN_FACE_PX (40) skips the two finest scales: the package photos' faces (all larger) stay
+    within a pixel; a face of about 15 px is no longer looked for."""
+    assert MIN_FACE_PX == 40
+    default = FaceDetector("cpu")
+    for (name, ref), got in zip(reference.items(), default.detect_all(list(photos.values()))):
+        ref = all_faces(ref[:, :4], ref[:, 4])
+        assert len(got) == len(ref), name
+        for a, b in zip(got, ref):
+            assert np.abs(np.subtract(a.box, b.box)).max() < 1 and abs(a.prob - b.prob) < 1e-4, name
+    tiny = cv2.resize(photos["astronaut"], (80, 80), interpolation=cv2.INTER_AREA)  # a face of about 15 px
+    assert FaceDetector("cpu", min_face_size=20).detect([tiny])[0].box is not None
+    assert default.detect([tiny])[0] is NO_FACE
 
 
 def test_photo_without_a_face_gets_the_centre_square(photos, detectors):

@@ -31,8 +31,12 @@ AUTO_BATCH = {"cuda": 32, "cpu": 8}
 # different sizes. CPU: none, padding costs what batching saves (bench/face_bench.py); CUDA: fewer,
 # larger calls are expected to win (not yet measured on a GPU).
 PAD_WASTE = {"cuda": 1.0, "cpu": 0.0}
-# The smallest face looked for, in pixels of the image MTCNN sees (MTCNN's min_face_size).
-MIN_FACE_PX = 20
+# The smallest face looked for, in pixels of the image MTCNN sees (≤ max_side). A smaller face
+# makes a crop (box × 1.4) under 56 px, which the model sees upscaled 9× at 512 px (2.3× at the
+# demo's 128): its frequency and SRM inputs then read the interpolation, not the photo. Above
+# MTCNN's usual 20 px, the pyramid's finest scales (its costliest) are skipped and the others are
+# unchanged (titan.data.mtcnn_fast.pyramid_scales); 20 gives facenet's own pyramid.
+MIN_FACE_PX = 40
 
 
 @dataclass(frozen=True)
