@@ -324,6 +324,8 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
     log.info(f"evaluate.py (metrics with intervals, calibration, robustness): {out / final / 'evaluation' / 'evaluation.md'}")
     log.info(f"submission: {scores['files']['submission']}  |  plots: {out / final / 'plots'}  |  "
              f"scores: {out / 'demo_scores.json'}  |  total {scores['seconds']['total']:.0f} s")
+    log.info(f"try it in a browser: python serve.py --weights-dir {out / final}  → http://127.0.0.1:8000/ "
+             "(drop a photo or a video; docs/serve.md)")
     return scores
 
 
