@@ -400,7 +400,7 @@ class Service:
                  max_wait: float = 0.01, batching: bool = True, max_queue: int = 256) -> None:
         self.detector, self.limits, self.token = detector, limits or Limits(), token
         self.limits.check()
-        self.explain = Explainer(detector, log.info)  # the card's heatmap, as detect.py's HTML report
+        self.explain = Explainer(detector)  # the card's heatmap, as detect.py's HTML report
         self.legend = HtmlReport(detector.calibration).legend()
         self.batcher = Batcher(self._score, max_batch, max_wait, batching, max_queue)
         self.digest = detector.folds.digest()
