@@ -38,6 +38,7 @@ from ..data.fingerprint import digest_lines, images_digest
 from ..data.images import ImageIndex
 from ..data.labels import LabelCSVError, read_labels
 from ..report.generalization import PROTOCOLS, REAL, build_report, write_report
+from ..errors import Refusal
 from ..runfiles import RunFiles
 from ..runlog import RunLog
 
@@ -149,6 +150,9 @@ def _run(argv: list[str], what: str, log: RunLog) -> float:
     log.info(f"[{what}] $ {shown(argv, Path.cwd())}")
     t0 = time.time()
     rc = subprocess.run(argv, env=stage_env()).returncode
+    if rc == 2:  # the stage refused its input and said why (above): the bench's input, so bad input here too
+        raise Refusal(f"{what} refused its input (exit code 2; {shown(argv, Path.cwd())}); its message is above. "
+                      "Fix it, then rerun the bench: finished work is reused")
     if rc != 0:
         raise RuntimeError(f"{what} failed with exit code {rc} ({shown(argv, Path.cwd())}); its output is above. "
                            "Fix it, then rerun the bench: finished work is reused")
