@@ -66,6 +66,8 @@ class RunFiles:
     def named(self, template: str) -> Path:
         return self.folder / template.format(prefix=self.prefix)
 
+    # a frozen start the folds' backbone files are differences from (--tune probe / layernorm: titan.train.tune)
+    backbone_base = property(lambda self: self.named("{prefix}_backbone_base.pth"))
     ssl_weights = property(lambda self: self.named("titan_{prefix}_ssl.pth"))
     log_txt = property(lambda self: self.logs("training")[0])
     log_jsonl = property(lambda self: self.logs("training")[1])

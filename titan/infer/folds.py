@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.fingerprint import digest_lines, file_version
-from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
+from ..checkpoints import CheckpointError, file_sha256, load_file, load_into, unwrap_state_dict
 from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
 from .record import DEFAULT_IMG_SIZE, SEEN, Preprocessing, PreprocessingError, resolve_preprocessing
 from ..metrics import best_f1_threshold
@@ -129,6 +129,8 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
     bsd = unwrap_state_dict(bobj, str(files.backbone))
     hsd = unwrap_state_dict(load_file(files.head), str(files.head))
     meta = dict(bobj["meta"]) if isinstance(bobj, dict) and isinstance(bobj.get("meta"), dict) else {}
+    if meta.get("backbone_base"):  # a difference from the run's shared frozen start (titan.train.tune)
+        bsd = {**unwrap_state_dict(load_file(backbone_base(files.backbone, meta)), "backbone base"), **bsd}
     notes = []
     if files.meta is not None and files.meta.is_file():
         try:
@@ -154,6 +156,23 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
                  {**_plain(meta), "arch": arch, "variant": variant, "head": head,
                   "input": arch_input(parse_arch(arch), inp)}, notes,
                  Preprocessing.from_meta({**meta, "arch": arch}))
+
+
+def backbone_base(backbone: Path, meta: dict) -> Path:
+    """The shared base file a fold's backbone file names (``backbone_base``), beside it, with the sha256 it
+    recorded checked: a missing, moved or rewritten base is an error naming both files."""
+    name = str(meta["backbone_base"])
+    if Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{backbone}: backbone_base {name!r} is not a file name beside it")
+    path = backbone.with_name(name)
+    if not path.is_file():
+        raise CheckpointError(f"{backbone} holds only its differences from {name}, which is not beside it: "
+                              f"copy {name} from the run folder with the fold files")
+    want = meta.get("backbone_base_sha256")
+    if want != file_sha256(path):
+        raise CheckpointError(f"{path} is not the shared backbone {backbone.name} was trained on (sha256 differs from the "
+                              "one it recorded): the base was rewritten by another run; retrain, or restore the base")
+    return path
 
 
 def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Sequence[float | None] = (),
@@ -277,6 +296,7 @@ class FoldSet:
         """A short digest of the files the loaded folds came from (name, size, modification time) and
         of the run's metrics file: work scored with this set is reused only while it matches."""
         paths = [p for f in self.folds for p in (f.files.backbone, f.files.head, f.files.meta) if p is not None]
+        paths += sorted({f.files.backbone.with_name(f.meta["backbone_base"]) for f in self.folds if f.meta.get("backbone_base")})
         if self.run is not None and self.run.metrics_json.is_file():
             paths.append(self.run.metrics_json)
         return digest_lines(file_version(p) for p in paths)
