@@ -20,6 +20,7 @@ TEST_IMAGES = f"{DATASET_DIR}/test_images"
 FACES_DIR = "data/faces_512"
 TEST_FACES = f"{FACES_DIR}/test"
 DIAMOND_CSV = "train_diamond.csv"
+ENSEMBLE_JSON = "ensemble.json"  # a folder naming member runs scored together (titan.infer.ensemble)
 
 
 def log_files(folder: str | os.PathLike, stem: str) -> tuple[Path, Path]:

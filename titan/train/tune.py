@@ -35,7 +35,7 @@ from ..checkpoints import CheckpointError, file_sha256, load_file, save_atomic, 
 from ..config import TrainConfig
 from ..data.fingerprint import digest_lines, images_digest
 from ..data.images import ImageIndex
-from ..infer.calibration import probability
+from ..infer.calibration import nll, probability
 from ..metrics import binary_metrics
 from ..models.archs import arch_input, resolve_arch
 from ..models.clip_vit import CLIP_ARCHS, embed, freeze_except_layernorms
@@ -240,7 +240,7 @@ def train_probe_fold(r: "TrainSession", df: pd.DataFrame, folds: np.ndarray, k: 
     logits = (emb.feats[:, va].astype(np.float64) @ w + b).mean(0)  # TTA over PROBE_VIEWS: the mean logit
     probs = probability(logits)
     m = binary_metrics(y[va], probs)
-    val_loss = float(np.mean(np.logaddexp(0.0, -(2 * y[va] - 1) * logits)))
+    val_loss = nll(logits, y[va])
     head = build_head("linear", backbone.num_features, dropout=cfg.dropout)
     with torch.no_grad():
         head.head[1].weight.copy_(torch.from_numpy(w).float()[None])
