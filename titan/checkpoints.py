@@ -105,6 +105,38 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     return save_atomic({"model": sd, "meta": dict(meta)}, path)
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) so five folds naming one shared
+    backbone file hash it once per process."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def weights_digest(sd: Mapping[str, torch.Tensor]) -> str:
+    """16 hex digits of sha256 over a state dict's names, dtypes, shapes and bytes: which weights these are."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def _numpy_float_types() -> list:
     """What a numpy float threshold pickles to (the original saved ``np.linspace``'s float64)."""
     import numpy as np

@@ -28,7 +28,9 @@ class TrainConfig:
     arch: str = ""
     variant: str = "v42"
     head: str = "linear"
-    img_size: int = 512
+    # 0 = the architecture's own input size (titan.models.archs.default_img_size: 224 for CLIP ViT-B/16, else 512),
+    # resolved once when a run starts (titan.train.session.resolve_input_size) and logged
+    img_size: int = field(default=0, metadata={"help": "input size in pixels; 0 = the architecture's own (CLIP 224, the others 512)"})
     dropout: float = 0.25
     drop_path: float = 0.0
     stem: str = "standard"  # standard (ConvNeXt V2) | highpass: stem filters kept zero-sum (TitanNet; from scratch on small data)
@@ -37,6 +39,14 @@ class TrainConfig:
     input: str = field(default="default", metadata={
         "choices": ("default", "rgb", "rgb+fft+srm", "npr", "rgb+npr"),
         "help": "the backbone's input (TitanNet, EfficientNet-Lite0; recorded with each fold): default = the arch's own"})
+    # what trains (titan.train.tune): full = the whole network; probe = a frozen encoder and a linear head fitted on
+    # its cached embeddings (identity + hflip views, computed once per run); layernorm = only the encoder's
+    # LayerNorms and the head (GenD), by the normal fine-tuning loop. probe_c: the probe's inverse L2 strength
+    tune: str = field(default="full", metadata={
+        "choices": ("full", "probe", "layernorm"),
+        "help": "what trains: full | probe (frozen encoder, linear head on cached embeddings; any arch) | "
+                "layernorm (LayerNorms + head; TitanNet and CLIP)"})
+    probe_c: float = 0.1
     # schedule
     # "auto" sets auto_batch: the largest batch that fits (halving from batch × accum on OOM), accum raised to keep the product
     batch_size: int = field(default=8, metadata={"auto": "auto_batch"})

@@ -20,6 +20,7 @@ TEST_IMAGES = f"{DATASET_DIR}/test_images"
 FACES_DIR = "data/faces_512"
 TEST_FACES = f"{FACES_DIR}/test"
 DIAMOND_CSV = "train_diamond.csv"
+ENSEMBLE_JSON = "ensemble.json"  # a folder naming member runs scored together (titan.infer.ensemble)
 
 
 def log_files(folder: str | os.PathLike, stem: str) -> tuple[Path, Path]:
@@ -66,6 +67,8 @@ class RunFiles:
     def named(self, template: str) -> Path:
         return self.folder / template.format(prefix=self.prefix)
 
+    # a frozen start the folds' backbone files are differences from (--tune probe / layernorm: titan.train.tune)
+    backbone_base = property(lambda self: self.named("{prefix}_backbone_base.pth"))
     ssl_weights = property(lambda self: self.named("titan_{prefix}_ssl.pth"))
     log_txt = property(lambda self: self.logs("training")[0])
     log_jsonl = property(lambda self: self.logs("training")[1])

@@ -41,7 +41,8 @@ from ..data.images import IMAGE_EXTS, ImageDecodeError, centre_square, decode_re
 from ..runfiles import DEFAULT_PREFIX, TEST_IMAGES, RunFiles
 from ..safe_text import display_path
 from .calibration import Calibration
-from .folds import FoldSet, FoldSetError
+from .ensemble import mean_member_logits
+from .folds import EnsembleSet, FoldSet, FoldSetError, load_scoring_set, members_of
 from .record import Preprocessing
 from .resilient import CropFlags, EnsembleOptions, ResilientPredictor, pick_device
 
@@ -327,24 +328,42 @@ def _centre_box(img: np.ndarray) -> tuple[float, float, float, float]:
 
 # --- the detector ------------------------------------------------------------------------------
 
+@dataclass
+class _Member:
+    """One run of the detector's scoring set: its folds, resolved preprocessing and predictor."""
+
+    folds: FoldSet
+    prep: Preprocessing
+    n_run_folds: int
+    predictor: ResilientPredictor
+
+
 class Detector:
     """A fold set, its calibration, the face detector and a resilient TTA predictor, loaded once."""
 
-    def __init__(self, folds: FoldSet, calibration: Calibration, prep: Preprocessing, device: str = "auto",
-                 batch_size: int = 32, amp: bool = True) -> None:
-        if not folds.folds:
+    def __init__(self, folds: FoldSet | EnsembleSet, calibration: Calibration, prep: Preprocessing | Sequence[Preprocessing],
+                 device: str = "auto", batch_size: int = 32, amp: bool = True) -> None:
+        members = members_of(folds)
+        preps = [prep] if isinstance(prep, Preprocessing) else list(prep)
+        if not all(m.folds for m in members) or len(preps) != len(members):
             raise DetectError("no fold to score with")
-        self.folds, self.calibration, self.prep, self.views = folds, calibration, prep, list(prep.tta)
+        # an ensemble (titan.infer.ensemble): each member crops and scores at its own preprocessing; the
+        # first member's stands for the detector where one value is asked (face detection, reports)
+        self.folds, self.calibration, self.preps = folds, calibration, preps
+        self.prep = preps[0]
+        self.views = list(self.prep.tta)
         self.notes: list[str] = []
         self.device = pick_device(device, self.notes)
-        self.img_size, self.margin = prep.img_size, prep.margin
+        self.img_size, self.margin = self.prep.img_size, self.prep.margin
         # Decoded images are reduced to this long side at once: the face detector sees --max-side,
         # and a face spanning a quarter of the photo still crops at the model's full resolution.
-        self.decode_side = max(prep.max_side, 4 * self.img_size)
-        self.n_run_folds = len(folds.folds) + len(folds.skipped)  # the run's folds, loaded or not
-        self.face_detector = FaceDetector(self.device, None, max_side=prep.max_side, min_prob=prep.min_prob)
-        self.predictor = ResilientPredictor([f.model.eval() for f in folds.folds], folds.names, self.device,
-                                            self.views, max(1, batch_size), amp, self.notes)
+        self.decode_side = max(self.prep.max_side, 4 * max(p.img_size for p in preps))
+        self.face_detector = FaceDetector(self.device, None, max_side=self.prep.max_side, min_prob=self.prep.min_prob)
+        self.members = [_Member(m, p, len(m.folds) + len(m.skipped),  # the run's folds, loaded or not
+                                ResilientPredictor([f.model.eval() for f in m.folds], m.names, self.device, list(p.tta),
+                                                   max(1, batch_size), amp, self.notes))
+                        for m, p in zip(members, preps)]
+        self.predictor = self.members[0].predictor
 
     @classmethod
     def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX, *, tta: str = "",
@@ -355,14 +374,14 @@ class Detector:
         threshold and calibration; ``band`` ≥ 0 replaces the run's uncertain band."""
         flags = flags or DetectorOptions(tta=tta)
         try:
-            fs = FoldSet.from_folder(weights_dir, prefix, strict=False)
+            fs = load_scoring_set(weights_dir, prefix, strict=False)
             for name, why in fs.skipped:
                 say(f"skipped {name}: {why}")
             if not fs.folds:
                 rf = RunFiles(Path(weights_dir), prefix)
                 raise DetectError(f"no fold in {weights_dir} loads ({'; '.join(w for _, w in fs.skipped)}); "
                                   f"detect needs {rf.fold_glob()} with {rf.fold_glob('head')}")
-            prep = flags.resolve(fs, say)
+            prep = [flags.resolve(m, say) for m in members_of(fs)]
             cal = fs.calibration(say=say)
         except FoldSetError as e:
             raise DetectError(f"{e} (detect reads the folds of --weights-dir; --prefix titan for the V38 release)") from None
@@ -371,8 +390,9 @@ class Detector:
                 raise DetectError(f"--uncertain-band {band}: a half-width on the probability scale must be ≤ 0.5")
             cal = replace(cal, band=float(band), note=f"{cal.note}; band set to ±{band:.3f} (--uncertain-band)")
         det = cls(fs, cal, prep, **kwargs)
-        say(f"{fs.describe()} from {weights_dir}; input {prep.img_size} px; TTA {','.join(prep.tta)}; "
-            f"crop margin {prep.margin:g}; device {det.device}; {cal.note}")
+        say(f"{fs.describe()} from {weights_dir}; " + "; ".join(
+            f"input {p.img_size} px, TTA {','.join(p.tta)}, crop margin {p.margin:g}" for p in prep)
+            + f"; device {det.device}; {cal.note}")
         return det
 
     # --- faces and scores ---
@@ -386,40 +406,43 @@ class Detector:
                 return [f"face detection failed: {type(e).__name__}: {e}"]
         return [r for im in images for r in self._detect([im])]
 
-    def _logits(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
-        """The ensemble logit of each crop (the mean over the folds still scoring), and which folds
-        scored it when not every fold of the run did ("" when all did)."""
-        if not crops:
+    def _logits(self, crops: list[list[np.ndarray]]) -> tuple[np.ndarray, list[str]]:
+        """The ensemble logit of each face from its crop per member (a run: one member): each member's logit
+        is the mean over its folds still scoring, the face's the mean over members; and which folds scored
+        it when not every fold did ("" when all did)."""
+        if not crops or not crops[0]:
             return np.zeros(0), []
-        per_fold = self.predictor(torch.stack([to_chw_uint8(c) for c in crops]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: reported per input
-            logits = np.nanmean(per_fold.astype(np.float64), axis=0)
-        finite = np.isfinite(per_fold)
-        names = self.folds.names
-        used = ["" if col.sum() == self.n_run_folds else
-                f"{'+'.join(n for n, ok in zip(names, col) if ok)} ({int(col.sum())} of {self.n_run_folds})"
-                for col in finite.T]
-        return logits, used
+        member_logits, used = [], []
+        for m, mc in zip(self.members, crops):
+            per_fold = m.predictor(torch.stack([to_chw_uint8(c) for c in mc]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: reported per input
+                member_logits.append(np.nanmean(per_fold.astype(np.float64), axis=0))
+            finite = np.isfinite(per_fold)
+            used.append(["" if col.sum() == m.n_run_folds else
+                         f"{'+'.join(n for n, ok in zip(m.folds.names, col) if ok)} ({int(col.sum())} of {m.n_run_folds})"
+                         for col in finite.T])
+        return mean_member_logits(member_logits), ["; ".join(u for u in col if u) for col in zip(*used)]
 
     def score_faces(self, images: Sequence[np.ndarray], names: Sequence[str],
                     frames: Sequence[int | None] | None = None, margin: float | None = None) -> list[list[FaceResult] | str]:
         """Per image: a FaceResult for every face (the centre square, ``no_face``, when there is
         none), each with its crop; or the reason the image could not be scored. ``margin``
         replaces the detector's crop margin for this call (evaluate.py's margin sweep)."""
-        margin = self.margin if margin is None else margin
         frames = list(frames) if frames is not None else [None] * len(images)
         found = self._detect(images)
-        crops, made = [], []
+        crops, made = [[] for _ in self.members], []  # each face cropped for every member, at its own size and margin
         for i, (img, dets) in enumerate(zip(images, found)):
             if isinstance(dets, str):
                 continue
             for k, det in enumerate(dets or [NO_FACE]):
-                crop, how = face_crop(img, det, self.img_size, margin)
+                for m, mc in zip(self.members, crops):
+                    crop, how = face_crop(img, det, m.prep.img_size, m.prep.margin if margin is None else margin)
+                    mc.append(crop)
                 box = det.box if how == "face" else _centre_box(img)
-                crops.append(crop)
                 made.append((i, k, box, FACE if how == "face" else NO_FACE_STATUS, det.prob))
         logits, used = self._logits(crops)
+        crops = crops[0]  # the faces reported (and explained) are the first member's crops
         prob, cal = self.calibration.probabilities(logits)
         decision, verdict = self.calibration.verdicts(logits)
         out: list[list[FaceResult] | str] = [d if isinstance(d, str) else [] for d in found]

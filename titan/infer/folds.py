@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.fingerprint import digest_lines, file_version
-from ..checkpoints import CheckpointError, load_file, load_into, unwrap_state_dict
+from ..checkpoints import CheckpointError, file_sha256, load_file, load_into, unwrap_state_dict
 from .calibration import DEFAULT_BAND, Calibration, choose_band, logit_of
 from .record import DEFAULT_IMG_SIZE, SEEN, Preprocessing, PreprocessingError, resolve_preprocessing
 from ..metrics import best_f1_threshold
@@ -48,7 +48,7 @@ from ..models.archs import arch_input, build_arch_backbone, parse_arch
 from ..models.classifier import FoldModel
 from ..models.convnextv2 import variant_of
 from ..models.heads import build_head, head_of
-from ..runfiles import DEFAULT_PREFIX, RunFiles, fold_number
+from ..runfiles import DEFAULT_PREFIX, ENSEMBLE_JSON, RunFiles, fold_number
 
 log = logging.getLogger("titan")
 
@@ -129,6 +129,8 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
     bsd = unwrap_state_dict(bobj, str(files.backbone))
     hsd = unwrap_state_dict(load_file(files.head), str(files.head))
     meta = dict(bobj["meta"]) if isinstance(bobj, dict) and isinstance(bobj.get("meta"), dict) else {}
+    if meta.get("backbone_base"):  # a difference from the run's shared frozen start (titan.train.tune)
+        bsd = {**unwrap_state_dict(load_file(backbone_base(files.backbone, meta)), "backbone base"), **bsd}
     notes = []
     if files.meta is not None and files.meta.is_file():
         try:
@@ -154,6 +156,23 @@ def load_fold(files: FoldFiles, variant: str | None = None, head: str | None = N
                  {**_plain(meta), "arch": arch, "variant": variant, "head": head,
                   "input": arch_input(parse_arch(arch), inp)}, notes,
                  Preprocessing.from_meta({**meta, "arch": arch}))
+
+
+def backbone_base(backbone: Path, meta: dict) -> Path:
+    """The shared base file a fold's backbone file names (``backbone_base``), beside it, with the sha256 it
+    recorded checked: a missing, moved or rewritten base is an error naming both files."""
+    name = str(meta["backbone_base"])
+    if Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{backbone}: backbone_base {name!r} is not a file name beside it")
+    path = backbone.with_name(name)
+    if not path.is_file():
+        raise CheckpointError(f"{backbone} holds only its differences from {name}, which is not beside it: "
+                              f"copy {name} from the run folder with the fold files")
+    want = meta.get("backbone_base_sha256")
+    if want != file_sha256(path):
+        raise CheckpointError(f"{path} is not the shared backbone {backbone.name} was trained on (sha256 differs from the "
+                              "one it recorded): the base was rewritten by another run; retrain, or restore the base")
+    return path
 
 
 def decision_threshold(recorded_oof: float | None = None, fold_thresholds: Sequence[float | None] = (),
@@ -241,6 +260,10 @@ class FoldSet:
         files = [f for f in files if f not in extra]
         if not files:
             rf = RunFiles(Path(folder), prefix)
+            if (Path(folder) / ENSEMBLE_JSON).is_file():
+                raise FoldSetError(f"{folder} holds an ensemble of runs ({ENSEMBLE_JSON}), not one run's folds: detect.py, "
+                                   "evaluate.py, serve.py and safe_inference.py score ensembles; for this command "
+                                   "name one member run's folder")
             raise FoldSetError(f"no {rf.fold_glob()} with its {rf.fold_glob('head')} in {folder}")
         fs = cls.load(files, strict, variant, head, RunFiles(Path(folder), prefix))
         fs.skipped += [(f.name, f"{f.backbone}: beyond n_folds={n_folds}") for f in extra]
@@ -277,6 +300,7 @@ class FoldSet:
         """A short digest of the files the loaded folds came from (name, size, modification time) and
         of the run's metrics file: work scored with this set is reused only while it matches."""
         paths = [p for f in self.folds for p in (f.files.backbone, f.files.head, f.files.meta) if p is not None]
+        paths += sorted({f.files.backbone.with_name(f.meta["backbone_base"]) for f in self.folds if f.meta.get("backbone_base")})
         if self.run is not None and self.run.metrics_json.is_file():
             paths.append(self.run.metrics_json)
         return digest_lines(file_version(p) for p in paths)
@@ -383,3 +407,115 @@ class FoldSet:
 def _size(f: Fold) -> int | None:
     s = f.meta.get("img_size")
     return int(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 else None
+
+
+# --- an ensemble of runs (ensemble.py fits it: titan.infer.ensemble; here, with FoldSet, is what it decides) ------------
+
+def is_ensemble(folder: str | os.PathLike) -> bool:
+    """A folder whose ``ensemble.json`` names member runs (``python ensemble.py``)."""
+    return (Path(folder) / ENSEMBLE_JSON).is_file()
+
+
+@dataclass
+class EnsembleSet:
+    """Member fold sets and the ensemble's calibration, with what scorers ask of a ``FoldSet``."""
+
+    members: list[FoldSet]
+    labels: list[str]  # each member's folder, as ensemble.json names it
+    folder: Path
+    spec: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, strict: bool = True) -> "EnsembleSet":
+        folder = Path(folder)
+        path = folder / ENSEMBLE_JSON
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            entries = spec["members"]
+            assert isinstance(entries, list) and entries and all("folder" in e for e in entries)
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            raise FoldSetError(f"{path}: not an ensemble file ({type(e).__name__}: {e}); refit it with "
+                               "python ensemble.py RUN RUN... --out " + str(folder)) from None
+        members, labels = [], []
+        for e in entries:
+            where = (folder / e["folder"]) if not Path(e["folder"]).is_absolute() else Path(e["folder"])
+            fs = FoldSet.from_folder(where, e.get("prefix") or DEFAULT_PREFIX, strict=strict)
+            if not fs.folds:
+                raise FoldSetError(f"ensemble member {where}: no fold loads ({'; '.join(w for _, w in fs.skipped)})")
+            if not fs.skipped and fs.digest() != e.get("digest"):
+                raise FoldSetError(f"ensemble member {where} changed since {path} was fitted (its fold files or metrics "
+                                   "differ from the recorded digest): its threshold and calibration no longer hold; refit: "
+                                   f"python ensemble.py {' '.join(str(folder / x['folder']) for x in entries)} "
+                                   f"--out {folder}")
+            members.append(fs)
+            labels.append(str(e["folder"]))
+        return cls(members, labels, folder, spec)
+
+    # --- what a FoldSet answers, for the ensemble ---
+
+    @property
+    def folds(self) -> list[Fold]:
+        return [f for m in self.members for f in m.folds]
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{label}/{n}" for label, m in zip(self.labels, self.members) for n in m.names]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return [(f"{label}/{n}", why) for label, m in zip(self.labels, self.members) for n, why in m.skipped]
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for m in self.members for n in m.notes]
+
+    @property
+    def arch(self) -> str:
+        return "+".join(m.arch for m in self.members)
+
+    @property
+    def variant(self) -> str:
+        return "+".join(m.variant for m in self.members)
+
+    @property
+    def head(self) -> str:
+        return "+".join(m.head for m in self.members)
+
+    def digest(self) -> str:
+        return digest_lines([file_version(self.folder / ENSEMBLE_JSON)] + [m.digest() for m in self.members])
+
+    def resolve(self, say: Callable[[str], None] = log.info, **flags) -> list[Preprocessing]:
+        """Each member's preprocessing by its own record (``FoldSet.resolve``) and the same flags."""
+        return [m.resolve(say=lambda s, lb=label: say(f"{lb}: {s}"), **flags) for label, m in zip(self.labels, self.members)]
+
+    def threshold(self, used: Sequence[str] | None = None) -> tuple[float, str]:
+        """The threshold fitted on the members' combined OOF logits (the rule's first source); the members'
+        own thresholds are not the ensemble's, so a file without one is an error, not a fallback."""
+        th, note = decision_threshold(self.spec.get("oof", {}).get("threshold"), where=f"the members' combined OOF ({ENSEMBLE_JSON})")
+        if not note.startswith("out-of-fold"):
+            raise FoldSetError(f"{self.folder / ENSEMBLE_JSON}: no fitted threshold; refit the ensemble")
+        return th, note
+
+    def calibration(self, threshold: tuple[float, str] | None = None, say: Callable[[str], None] = log.warning) -> Calibration:
+        th, note = threshold or self.threshold()
+        cal = self.spec.get("calibration", {})
+        t, band = _finite_number(cal.get("temperature"), 0.0, 1e6), _finite_number(cal.get("uncertain_band"), 0.0, 0.5)
+        if t is None or band is None:
+            raise FoldSetError(f"{self.folder / ENSEMBLE_JSON}: no fitted temperature and band; refit the ensemble")
+        return Calibration(t, band, th, f"temperature {t:.3f}, band ±{band:.3f}, threshold {th:.3f} ({note})")
+
+    def describe(self) -> str:
+        return f"ensemble of {len(self.members)} runs: " + "; ".join(
+            f"{label}: {m.describe()}" for label, m in zip(self.labels, self.members))
+
+
+def load_scoring_set(folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX, strict: bool = True) -> "FoldSet | EnsembleSet":
+    """What a scorer scores with: the ensemble a folder's ensemble.json describes, else the folder's folds."""
+    if is_ensemble(folder):
+        return EnsembleSet.from_folder(folder, strict)
+    return FoldSet.from_folder(folder, prefix, strict=strict)
+
+
+def members_of(s: "FoldSet | EnsembleSet") -> list[FoldSet]:
+    """The fold sets a scoring set is made of: an ensemble's members, or the one run."""
+    return s.members if isinstance(s, EnsembleSet) else [s]

@@ -68,11 +68,12 @@ class Preprocessing:
 
     @classmethod
     def for_training(cls, arch: str, img_size: int, tta: str, crop: Mapping[str, Any] | None,
-                     input: str = "") -> "Preprocessing":
+                     input: str = "", oof_tta: tuple[str, ...] | None = None) -> "Preprocessing":
         """What a fold trained now records: ``crop`` is its faces' align_settings.json (None: not made
-        by align_faces.py, so no crop is recorded)."""
+        by align_faces.py, so no crop is recorded); ``oof_tta`` the views behind its OOF scores (default one)."""
         mean, std = input_normalisation(arch)
-        values = dict(arch=arch, input=input, img_size=int(img_size), mean=mean, std=std, tta=tuple(resolve_tta(tta)), oof_tta=OOF_TTA)
+        values = dict(arch=arch, input=input, img_size=int(img_size), mean=mean, std=std, tta=tuple(resolve_tta(tta)),
+                      oof_tta=tuple(oof_tta or OOF_TTA))
         for k in CROP if crop else ():
             if crop.get(k) is not None:
                 values[k] = type(getattr(cls, k))(crop[k])

@@ -23,10 +23,10 @@ from ..runfiles import TEST_IMAGES, RunFiles
 from ..runlock import holds_folder
 from ..safe_text import csv_frame
 from ..runlog import RunLog
-from .folds import FoldSet, FoldSetError, find_fold_files
+from .folds import EnsembleSet, FoldSet, FoldSetError, find_fold_files, is_ensemble, members_of
 from .record import Preprocessing
 from .resilient import RECROPPED, CropFlags, ScoringOptions
-from .scorer import score_fold_set
+from .scorer import score_ensemble, score_fold_set
 from .submission import in_id_order, raw_test_index, test_set, write_submission
 
 
@@ -89,7 +89,10 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
 
     try:
         fs_files = RunFiles(Path(cfg.weights_dir), cfg.prefix)
-        fs = FoldSet.load(find_fold_files(cfg.weights_dir, cfg.prefix), strict=False, run=fs_files)
+        if is_ensemble(cfg.weights_dir):  # an ensemble of runs (titan.infer.ensemble): each member at its own record
+            fs = EnsembleSet.from_folder(cfg.weights_dir, strict=False)
+        else:
+            fs = FoldSet.load(find_fold_files(cfg.weights_dir, cfg.prefix), strict=False, run=fs_files)
     except FoldSetError as e:  # folds that disagree: no single ensemble to fall back on
         raise SafeInferenceError(str(e)) from None
     folds, skipped = fs.folds, fs.skipped
@@ -102,9 +105,10 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
             + (f"; skipped: {'; '.join(f'{n}: {w}' for n, w in skipped)}" if skipped else "")
             + ". Pass --weights-dir / --prefix.")
     try:
-        prep = cfg.resolve(fs, say)
+        preps = [cfg.resolve(m, say) for m in members_of(fs)]
     except FoldSetError as e:
         raise SafeInferenceError(str(e)) from None
+    prep = preps[0]
 
     faces = _index_or_none(cfg.test_dir, degraded, "face-crop")
     raw = raw_test_index(cfg.raw_test_dir)
@@ -112,11 +116,15 @@ def safe_inference(cfg: SafeConfig, runlog: RunLog | None = None) -> SafeSummary
     if not ids:
         raise SafeInferenceError(f"no test images in {cfg.test_dir} or {cfg.raw_test_dir}; pass --test-dir / --raw-test-dir")
 
-    say(f"{fs.describe()}; input {prep.img_size} px; TTA {','.join(prep.tta)}; {len(ids)} test Ids")
+    say(f"{fs.describe()}; " + "; ".join(f"input {p.img_size} px, TTA {','.join(p.tta)}" for p in preps) + f"; {len(ids)} test Ids")
+    run_kw = dict(batch_size=cfg.batch_size, device=cfg.device, amp=cfg.amp, num_workers=cfg.num_workers,
+                  progress=cfg.progress, say=say)
     try:
-        scored = score_fold_set(fs, prep, ids, faces, recrop=partial(_recrop_by_id, raw, prep, cfg.raw_test_dir),
-                                batch_size=cfg.batch_size, device=cfg.device, amp=cfg.amp, num_workers=cfg.num_workers,
-                                progress=cfg.progress, say=say)
+        if isinstance(fs, EnsembleSet):
+            scored = score_ensemble(fs, preps, ids, faces, **run_kw,
+                                    recrops=[partial(_recrop_by_id, raw, p, cfg.raw_test_dir) for p in preps])
+        else:
+            scored = score_fold_set(fs, prep, ids, faces, recrop=partial(_recrop_by_id, raw, prep, cfg.raw_test_dir), **run_kw)
     except Exception as e:  # noqa: BLE001 — reached only when no fold can score at all
         raise SafeInferenceError(f"no fold could score the test images: {type(e).__name__}: {e}") from e
     scores = scored.scores

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from .calibration import Calibration, probability
 from .folds import FoldSet
 from .record import Preprocessing
 from .resilient import ImagesToScore, Scores, score_images
+
+if TYPE_CHECKING:
+    from .folds import EnsembleSet
 from .submission import Filled, fill_unscored
 
 log = logging.getLogger("titan")
@@ -70,3 +73,31 @@ def score_fold_set(fs: FoldSet, prep: Preprocessing, ids: Sequence[str], faces: 
     th = fs.threshold(used=scores.fold_names)  # the folds' own thresholds: only those that voted
     cal = fs.calibration(th, say=lambda s: None)  # its NOTICE is for detect's calibrated verdicts
     return ScoredSet(scores, prep, cal, th[1], scores.probabilities(), dropped)
+
+
+def score_ensemble(es: "EnsembleSet", preps: Sequence[Preprocessing], ids: Sequence[str], faces: ImageIndex | None, *,
+                   recrops: Sequence[Callable[[str], np.ndarray] | None] = (), say: Callable[[str], None] = log.info,
+                   **kwargs) -> ScoredSet:
+    """An ensemble of runs (``titan.infer.ensemble``): every member scored by ``score_fold_set`` at its own
+    preprocessing (``preps``, ``recrops`` per member), the image's logit the mean of the members' logits
+    (each its voting folds' mean), decided with the ensemble's own threshold and calibration. The per-fold
+    scores are kept under ``member/fold`` names; an image one member could not score is unscored."""
+    from .ensemble import mean_member_logits
+
+    recrops = list(recrops) or [None] * len(es.members)
+    parts = [score_fold_set(m, p, ids, faces, recrop=rc, say=say, **kwargs) for m, p, rc in zip(es.members, preps, recrops)]
+    member_logits = [np.where(part.scores.scored, part.scores.logits.astype(np.float64).mean(axis=0), np.nan)
+                     if len(part.scores.fold_names) else np.full(len(ids), np.nan) for part in parts]
+    status = np.max(np.stack([part.scores.status for part in parts]), axis=0)
+    worst = np.argmax(np.stack([part.scores.status for part in parts]), axis=0)
+    first = parts[0].scores
+    scores = Scores(first.ids, np.concatenate([part.scores.logits for part in parts]), status,
+                    [parts[w].scores.reasons[i] for i, w in enumerate(worst)],
+                    [f"{label}/{n}" for label, part in zip(es.labels, parts) for n in part.scores.fold_names],
+                    first.device, first.batch_size,
+                    [f"{label}: {n}" for label, part in zip(es.labels, parts) for n in part.scores.notes])
+    th = es.threshold()
+    cal = es.calibration(th, say=lambda s: None)
+    prob = probability(mean_member_logits(member_logits))
+    return ScoredSet(scores, preps[0], cal, th[1], prob,
+                     [f"{label}/{n}" for label, part in zip(es.labels, parts) for n in part.dropped])

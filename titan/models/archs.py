@@ -21,7 +21,7 @@ from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork
 
 from .cbam import CBAM
-from .clip_vit import CLIP_ARCHS, CLIP_MEAN, CLIP_STD, ClipViT
+from .clip_vit import CLIP_ARCHS, CLIP_INPUT_SIZE, CLIP_MEAN, CLIP_STD, ClipViT
 from .clip_weights import load_clip_weights, load_offline_clip
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
@@ -190,6 +190,15 @@ def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
     if name in CLIP_ARCHS:
         return CLIP_MEAN, CLIP_STD
     return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+DEFAULT_INPUT_SIZE = 512  # TitanNet's and the CNN baselines' (the README recipe)
+
+
+def default_img_size(name: str) -> int:
+    """The input size an architecture trains at when ``--img-size`` is not given: CLIP ViT-B/16 its
+    pretraining's 224 (14×14 patches), the others the recipe's 512."""
+    return CLIP_INPUT_SIZE if name in CLIP_ARCHS else DEFAULT_INPUT_SIZE
 
 
 def arch_input(arch: Arch, choice: str = "default") -> str:

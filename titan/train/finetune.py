@@ -34,7 +34,7 @@ from ..models.classifier import Classifier
 from ..models.convnextv2 import keep_stem_highpass
 from ..models.heads import build_head
 from ..runlog import RunLog
-from . import distributed, optim, state
+from . import distributed, optim, state, tune
 from .epoch import EpochStats, predict_logits, train_one_epoch
 from .reuse import changed_settings, describe, fold_fields
 from .session import TrainSession, face_dirs, save_run_config, session
@@ -225,6 +225,9 @@ def fold_done(r: TrainSession, k: int, inputs: dict[str, str]) -> dict | None:
     meta = load_file(meta_path)
     if not (isinstance(meta, dict) and meta.get("complete")):
         return None
+    if not tune.base_still_there(r, meta):
+        r.log.info(f"Fold {k}: retraining — its shared backbone {meta.get('backbone_base')} is gone or was rewritten")
+        return None
     stale = changed_settings(meta.get("config") or meta, r.cfg, fold_fields(r.cfg))
     if stale:
         r.log.info(f"Fold {k}: retraining — it was trained with {describe(stale)} (then → now)")
@@ -243,14 +246,26 @@ def run_finetune(cfg: TrainConfig, run: TrainSession | None = None,
 
     ``labels`` = (rows, folds) already read and checked (``pipeline.preflight``); else read here."""
     with session(cfg, run) as r:
+        cfg = r.cfg  # its input size resolved (session.resolve_input_size)
         if labels is None:
             df = load_labels(cfg, r.log)
             labels = df, assign_folds(df, cfg.n_folds, cfg.fold_seed)
         df, folds = labels
+        tune.check_tune(cfg)
+        if cfg.tune != "full":
+            r.log.info(tune.describe_tune(cfg))
         inputs = training_inputs(r, df, folds)
+        probe = None  # (frozen backbone, its cached embeddings, base reference): made once, for the first fold to train
         for k in range(cfg.n_folds):
             if fold_done(r, k, inputs) is not None:
                 r.log.info(f"Fold {k} already complete; skipping")
+                continue
+            if cfg.tune == "probe":
+                if probe is None:
+                    backbone = build_classifier(cfg, r.files.ssl_weights, r.log, None).backbone.eval()
+                    probe = backbone, tune.cached_embeddings(r, df, backbone), tune.write_base(r, backbone)
+                best = tune.train_probe_fold(r, df, folds, k, probe[1], probe[0])
+                finish_fold(r, k, best, inputs, probe[2])
                 continue
             train_fold(r, df, folds, k, inputs)
         summary = summarize_folds(r, df, inputs)
@@ -297,6 +312,8 @@ def fold_model(r: TrainSession, pos_weight: float | None, steps_per_epoch: int,
     """(the fold's classifier from the SSL backbone, the same placed for the device, its stepper)."""
     cfg, env = r.cfg, r.env
     raw = build_classifier(cfg, r.files.ssl_weights, log, pos_weight)
+    if cfg.tune == "layernorm":  # before DDP wraps it: frozen parameters take no gradient buckets
+        raw.base = tune.apply_layernorm_tune(r, raw.backbone, log)
     model = distributed.prepare_model(raw, env, r.channels_last, cfg.compile)
     stepper = optim.make_stepper(raw, model, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup_epochs, cfg.ft_epochs,
                                  steps_per_epoch, cfg, env, name, log.info)
@@ -360,17 +377,18 @@ def train_fold(r: TrainSession, df: pd.DataFrame, folds: np.ndarray, k: int, inp
             state.save_train_state(r.ckpt, stem, epoch + 1, keep=cfg.keep_checkpoints, model=raw.state_dict(),
                                    train=stepper.state_dict(), best=best, config=dataclasses.asdict(cfg), inputs=inputs)
         distributed.barrier(env)
-    return finish_fold(r, k, best, inputs)
+    return finish_fold(r, k, best, inputs, getattr(raw, "base", None))
 
 
-def finish_fold(r: TrainSession, k: int, best: dict | None, inputs: dict[str, str]) -> dict:
+def finish_fold(r: TrainSession, k: int, best: dict | None, inputs: dict[str, str],
+                base: dict[str, str] | None = None) -> dict:
     """Save the best epoch's files, drop the fold's epoch states, and log the fold's result."""
     if best is None:
         raise RuntimeError(f"Fold {k}: no epoch ran (ft_epochs={r.cfg.ft_epochs})")
     m = best["metrics"]
     result = {"fold": k, "best_epoch": best["epoch"], "f1": m["f1"], "th": m["threshold"], "auc": m["roc_auc"], "ap": m["ap"]}
     if r.env.is_main:
-        save_fold(r, k, best, inputs)
+        save_fold(r, k, best, inputs, base)
         state.remove_train_states(r.ckpt, f"fold{k}")
     r.log.info(f"Fold {k} done: best epoch {best['epoch']} | F1 {result['f1']:.4f} (th={result['th']:.2f}) | AUC {result['auc']:.4f}")
     r.log.record("fold_done", **result)
@@ -378,15 +396,19 @@ def finish_fold(r: TrainSession, k: int, best: dict | None, inputs: dict[str, st
     return result
 
 
-def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str]) -> None:
-    """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta."""
+def save_fold(r: TrainSession, k: int, best: dict, inputs: dict[str, str], base: dict[str, str] | None = None) -> None:
+    """Write the best epoch's backbone, head, OOF rows and — last, as the completion mark — meta.
+    With ``base`` (``titan.train.tune``: the run's shared frozen start) the backbone file holds only
+    the tensors that differ from that file, and names it."""
     cfg, m, sd = r.cfg, best["metrics"], best["model"]
     arch = resolve_arch(cfg.arch, cfg.variant)
     ident = dict(arch=arch.name, variant=arch.variant or "", head=cfg.head, img_size=cfg.img_size, epoch=int(best["epoch"]),
-                 preprocessing=fold_record(r).to_dict(),
+                 preprocessing=fold_record(r).to_dict(), tune=cfg.tune, **(base or {}),
                  input=arch_input(arch, cfg.input))  # inference rebuilds this input (titan.models.frequency)
     for part in ("backbone", "head"):
         part_sd = {kk[len(part) + 1:]: v for kk, v in sd.items() if kk.startswith(part + ".")}
+        if part == "backbone" and base:
+            part_sd = tune.difference_from_base(part_sd, r.out / base["backbone_base"])
         save_checkpoint(part_sd, r.files.fold(part, k), **ident, metrics={kk: float(v) for kk, v in m.items()},
                         config=dataclasses.asdict(cfg))
     oof = pd.DataFrame({"Id": best["ids"], "prob": best["probs"].numpy(), "fold": k})
@@ -403,7 +425,8 @@ def fold_record(r: TrainSession) -> Preprocessing:
     cfg = r.cfg
     crop = read_align_settings(face_dirs(cfg)[0])
     arch = resolve_arch(cfg.arch, cfg.variant)
-    return Preprocessing.for_training(arch.name, cfg.img_size, cfg.tta, crop, arch_input(arch, cfg.input))
+    oof_tta = tune.PROBE_VIEWS if cfg.tune == "probe" else None  # a probe's OOF logit is its views' mean
+    return Preprocessing.for_training(arch.name, cfg.img_size, cfg.tta, crop, arch_input(arch, cfg.input), oof_tta)
 
 
 def summarize_folds(r: TrainSession, df: pd.DataFrame, inputs: dict[str, str]) -> dict:

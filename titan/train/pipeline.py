@@ -32,6 +32,7 @@ from .finetune import assign_folds, load_labels, run_finetune
 from .estimate import estimate, with_auto_batch
 from .session import TrainSession, face_dirs, session
 from .ssl import run_ssl
+from .tune import check_tune
 
 STAGES = ("ssl", "finetune", "infer")
 
@@ -43,6 +44,7 @@ def run_stages(cfg: TrainConfig, stages: Sequence[str] = STAGES, estimate_steps:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     with session(cfg, estimate=estimate_steps > 0) as run:
+        cfg = run.cfg  # its input size resolved (session.resolve_input_size)
         labels = preflight(run, stages, probe_writable=estimate_steps == 0)
         if cfg.auto_batch:
             run = with_auto_batch(run, stages)
@@ -74,6 +76,7 @@ def preflight(r: TrainSession, stages: Sequence[str], probe_writable: bool = Tru
     if "ssl" in stages or "finetune" in stages:
         face_dirs(r.cfg)
     if "finetune" in stages:
+        check_tune(r.cfg)
         df = load_labels(r.cfg, r.log)
         folds = assign_folds(df, r.cfg.n_folds, r.cfg.fold_seed)
         per_fold = [np.bincount(df.target_feature.to_numpy()[folds == k], minlength=2) for k in range(r.cfg.n_folds)]
@@ -120,6 +123,7 @@ def run_infer(cfg: TrainConfig, run: TrainSession | None = None) -> pd.DataFrame
     scored still gets its row, the prior decision, listed in ``submission_v42_issues.csv``. The
     folds, their input size and the threshold come from the fold set (``titan.infer.folds``)."""
     with session(cfg, run) as r:
+        cfg = r.cfg  # its input size resolved (session.resolve_input_size)
         env, log = r.env, r.log
         fs, prep = inference_folds(r)
         test_dir = Path(cfg.faces_dir) / "test"

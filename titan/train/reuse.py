@@ -20,7 +20,8 @@ SSL_SHAPING = ("arch", "variant", "input", "img_size", "drop_path", "stem", "bat
                "min_lr_ratio")
 # What a fold's weights are made from, beyond SimMIM's (the data itself is in the digests).
 FOLD_SHAPING = ("head", "dropout", "n_folds", "fold_seed", "ft_epochs", "ft_lr", "ft_weight_decay", "ft_warmup_epochs",
-                "label_smoothing", "imbalance", "jpeg_p", "blur_p", "init_weights", "head_lr_mult", "sbi_p")
+                "label_smoothing", "imbalance", "jpeg_p", "blur_p", "init_weights", "head_lr_mult", "sbi_p",
+                "tune", "probe_c")
 WEIGHT_SHAPING = SSL_SHAPING + FOLD_SHAPING
 # Never a reason to retrain: where files are (their content is digested), speed and numerics
 # plumbing, and inference-only settings.

@@ -20,7 +20,7 @@ from ..config import TrainConfig, save_config
 from ..data.fingerprint import changed_inputs
 from ..data.datasets import EncodedFaceDataset, FaceDataset, collate_encoded, decode_on_device
 from ..device import to_float_image, use_channels_last
-from ..models.archs import arch_input, resolve_arch
+from ..models.archs import arch_input, default_img_size, resolve_arch
 from ..runfiles import DEFAULT_PREFIX, RunFiles
 from ..runlock import folder_lock
 from ..runlog import RunLog
@@ -110,6 +110,7 @@ def session(cfg: TrainConfig, run: TrainSession | None = None, estimate: bool = 
     if run is not None:
         yield run
         return
+    cfg, size_note = resolve_input_size(cfg)
     env = distributed.setup_distributed(cfg.device)
     if cfg.threads > 0:
         # Small models on a shared CPU: extra OpenMP threads spin and slow every op down.
@@ -125,12 +126,24 @@ def session(cfg: TrainConfig, run: TrainSession | None = None, estimate: bool = 
         with folder_lock(files.folder, log.info) if env.is_main else nullcontext():
             if env.is_main and not estimate:
                 save_run_config(cfg, files, log)
+            if size_note:
+                log.info(size_note)
             log.record("config", **dataclasses.asdict(cfg))
             log.info(f"run on {env.device} × {env.world_size} process(es); outputs in {files.folder.resolve()}")
             yield TrainSession(cfg, env, log, files, files.folder / cfg.ckpt_dir)
     finally:
         logger.removeHandler(handler)
         distributed.teardown_distributed()
+
+
+def resolve_input_size(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """The one place a run's input size is decided: ``--img-size`` when given (> 0), else the
+    architecture's own (``default_img_size``) → (the config with it set, a line for the log, "" when given)."""
+    if cfg.img_size > 0:
+        return cfg, ""
+    arch = resolve_arch(cfg.arch, cfg.variant)
+    size = default_img_size(arch.name)
+    return dataclasses.replace(cfg, img_size=size), f"input size {size} px: {arch.name}'s own (no --img-size given)"
 
 
 def save_run_config(cfg: TrainConfig, files: RunFiles, log: RunLog | None = None, weights_made: bool = False) -> None:

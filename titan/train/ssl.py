@@ -88,6 +88,7 @@ def run_ssl(cfg: TrainConfig, run: TrainSession | None = None) -> Path | None:
     The baselines (mobilenetv2, effnet-b3-fpn-cbam) skip it: SimMIM here reconstructs the
     9-channel ConvNeXt V2 input; they fine-tune from ``init_weights`` or from scratch."""
     with session(cfg, run) as r:
+        cfg = r.cfg  # its input size resolved (session.resolve_input_size)
         env, log, dev, out_path = r.env, r.log, r.env.device, r.files.ssl_weights
         arch = resolve_arch(cfg.arch, cfg.variant)
         if not arch.ssl:
