@@ -20,6 +20,8 @@ SCRIPTS = {
     "serve.py": "docs/serve.md",
     "bench/compare_archs.py": "docs/architectures.md",
     "bench/detect_bench.py": "docs/detect.md",
+    "ensemble.py": "docs/folds.md",
+    "bench/generalization.py": "docs/generalization.md",
 }
 
 
