@@ -42,6 +42,7 @@ from ..runfiles import DEFAULT_PREFIX, TEST_IMAGES, RunFiles
 from ..safe_text import display_path
 from .calibration import Calibration
 from .folds import FoldSet, FoldSetError
+from .onnx_engine import OnnxEngineError, OnnxEnsemble
 from .record import Preprocessing
 from .resilient import CropFlags, EnsembleOptions, ResilientPredictor, pick_device
 
@@ -53,6 +54,7 @@ VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 ROW_COLUMNS = ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision", "verdict", "status", "error",
                "folds", "name_escaped"]
 FACE, NO_FACE_STATUS, OK, ERROR = "face", "no_face", "ok", "error"
+ENGINES = ("torch", "onnx")
 
 
 class DetectError(RuntimeError):
@@ -62,12 +64,17 @@ class DetectError(RuntimeError):
 
 @dataclass
 class DetectorOptions(EnsembleOptions, CropFlags):
-    """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py)."""
+    """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py, serve.py)."""
+
+    engine: str = option("torch", "what runs the fold ensemble: torch (the PyTorch folds) or onnx (the graph "
+                                  "export.py wrote, on ONNX Runtime, CPU); faces and Grad-CAM stay PyTorch",
+                         choices=ENGINES)
+    onnx: str = option("", "--engine onnx's graph; empty = WEIGHTS_DIR/PREFIX_ensemble.onnx (export.py's default)")
 
     def detector(self, say: Callable[[str], None] = log.info, band: float | None = None) -> "Detector":
         """The run's detector as these flags describe it (each preprocessing flag against the folds' record)."""
         return Detector.from_run(self.weights_dir, self.prefix, flags=self, band=band, say=say, device=self.device,
-                                 batch_size=self.batch_size, amp=self.amp)
+                                 batch_size=self.batch_size, amp=self.amp, engine=self.engine, onnx=self.onnx)
 
 
 @dataclass
@@ -328,12 +335,18 @@ def _centre_box(img: np.ndarray) -> tuple[float, float, float, float]:
 # --- the detector ------------------------------------------------------------------------------
 
 class Detector:
-    """A fold set, its calibration, the face detector and a resilient TTA predictor, loaded once."""
+    """A fold set, its calibration, the face detector and the ensemble's engine, loaded once:
+    ``engine`` torch, the resilient TTA predictor over the PyTorch folds; onnx, the folds' export
+    (``OnnxEnsemble.for_folds``: ``onnx`` or the run's ``RunFiles.ensemble_onnx``, refused when stale)."""
 
     def __init__(self, folds: FoldSet, calibration: Calibration, prep: Preprocessing, device: str = "auto",
-                 batch_size: int = 32, amp: bool = True) -> None:
+                 batch_size: int = 32, amp: bool = True, engine: str = "torch", onnx: str | os.PathLike = "") -> None:
         if not folds.folds:
             raise DetectError("no fold to score with")
+        if engine not in ENGINES:
+            raise DetectError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+        if onnx and engine != "onnx":
+            raise DetectError(f"--onnx {onnx} is read by --engine onnx only; add --engine onnx (or drop --onnx)")
         self.folds, self.calibration, self.prep, self.views = folds, calibration, prep, list(prep.tta)
         self.notes: list[str] = []
         self.device = pick_device(device, self.notes)
@@ -343,8 +356,33 @@ class Detector:
         self.decode_side = max(prep.max_side, 4 * self.img_size)
         self.n_run_folds = len(folds.folds) + len(folds.skipped)  # the run's folds, loaded or not
         self.face_detector = FaceDetector(self.device, None, max_side=prep.max_side, min_prob=prep.min_prob)
-        self.predictor = ResilientPredictor([f.model.eval() for f in folds.folds], folds.names, self.device,
-                                            self.views, max(1, batch_size), amp, self.notes)
+        self.engine = engine
+        if engine == "onnx":
+            path = Path(onnx) if onnx else folds.run.ensemble_onnx if folds.run is not None else None
+            if path is None:
+                raise DetectError("--engine onnx: name the exported graph with --onnx PATH (export.py writes it)")
+            try:
+                self.predictor = OnnxEnsemble.for_folds(path, folds, prep, batch_size=max(1, batch_size))
+            except OnnxEngineError as e:
+                raise DetectError(str(e)) from None
+        else:
+            self.predictor = ResilientPredictor([f.model.eval() for f in folds.folds], folds.names, self.device,
+                                                self.views, max(1, batch_size), amp, self.notes)
+
+    @property
+    def fold_models(self) -> tuple[list[torch.nn.Module], torch.device]:
+        """The PyTorch fold models as trained and the device they are on: Grad-CAM's (whichever
+        engine scores, the heatmaps come from these)."""
+        if isinstance(self.predictor, ResilientPredictor):
+            return self.predictor.on_device, self.predictor.device
+        return self.folds.models, torch.device("cpu")
+
+    def engine_info(self) -> dict:
+        """What runs the ensemble, for /v1/model and the log: ``{"name": "torch" | "onnx", ...}``."""
+        if isinstance(self.predictor, OnnxEnsemble):
+            return {"name": "onnx", "file": self.predictor.path.name, "sha256": self.predictor.record["onnx_sha256"],
+                    "threads": self.predictor.threads, "device": "cpu"}
+        return {"name": "torch", "device": str(self.predictor.device)}
 
     @classmethod
     def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX, *, tta: str = "",
@@ -371,8 +409,9 @@ class Detector:
                 raise DetectError(f"--uncertain-band {band}: a half-width on the probability scale must be ≤ 0.5")
             cal = replace(cal, band=float(band), note=f"{cal.note}; band set to ±{band:.3f} (--uncertain-band)")
         det = cls(fs, cal, prep, **kwargs)
+        engine = "" if det.engine == "torch" else f"; engine onnx ({det.predictor.path})"
         say(f"{fs.describe()} from {weights_dir}; input {prep.img_size} px; TTA {','.join(prep.tta)}; "
-            f"crop margin {prep.margin:g}; device {det.device}; {cal.note}")
+            f"crop margin {prep.margin:g}; device {det.device}{engine}; {cal.note}")
         return det
 
     # --- faces and scores ---
