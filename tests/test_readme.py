@@ -17,6 +17,7 @@ SCRIPTS = {
     "plot_training_curves.py": "docs/stages.md",
     "detect.py": "docs/detect.md",
     "evaluate.py": "docs/evaluate.md",
+    "serve.py": "docs/serve.md",
     "export.py": "docs/export.md",
     "bench/compare_archs.py": "docs/architectures.md",
     "bench/detect_bench.py": "docs/detect.md",

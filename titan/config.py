@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  ssl_warmup_epochs=0, mask_patch=32, ft_epochs=2, ft_warmup_epochs=0, infer_batch_size=16,
                  tta="identity,hflip", threads=1),
     # `make demo`: the real pipeline on the 500-image demo set in minutes on 2 CPU cores, scored on
-    # faces whose identities it never trained on. Measured (README, "make demo"): TitanNet from
+    # faces whose identities it never trained on. Measured (docs/demo.md): TitanNet from
     # scratch stays near chance there in 4 CPU minutes, while EfficientNet-Lite0 from the ImageNet
     # weights its package ships learns the blending cues in a few epochs; mean = std = 0.5 input,
     # lr 1e-3 with 1 warm-up epoch, 8 epochs, batch 16 (lr 1.5e-4–5e-4, a 10× head LR, 5 epochs

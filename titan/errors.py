@@ -1,10 +1,11 @@
 """How a command fails: one line that names the cause and the file, a documented exit code, and
 no traceback unless ``--debug``.
 
-Exit codes (README, "Exit codes"): 0 done; 1 an unexpected error (a bug: rerun with --debug and
-report it) or, for align_faces.py --strict, images that failed; 2 bad input or a refused resume
-(the message says the fix); 3 the machine refused (disk full, read-only or forbidden folder);
-130 interrupted (Ctrl-C): rerun the same command to resume.
+Exit codes (docs/troubleshooting.md, "Exit codes and messages"): 0 done; 1 an unexpected error
+(a bug: rerun with --debug and report it) or, for align_faces.py --strict, images that failed;
+2 bad input, a refused resume or a folder another run holds (the message says the fix); 3 the
+machine refused (disk full, read-only or forbidden folder); 130 interrupted (Ctrl-C): rerun the
+same command to resume.
 """
 from __future__ import annotations
 

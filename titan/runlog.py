@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .safe_text import strict_json
+
 log = logging.getLogger("titan")
 
 
@@ -65,7 +67,7 @@ class RunLog:
         if not self.enabled:
             return
         rec = {"event": event, "time": time.time(), **_plain(fields)}
-        self._append(self.jsonl_path, json.dumps(rec, sort_keys=False))
+        self._append(self.jsonl_path, strict_json(rec))  # NaN/inf (a diverged loss) → null: every line parses
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:

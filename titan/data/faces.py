@@ -1,11 +1,14 @@
-"""Face detection (facenet-pytorch MTCNN) in size buckets, the square face crop, the centre fallback.
+"""Face detection (MTCNN), the square face crop, the centre fallback.
 
-align_faces.py keeps the largest face of an image (``FaceDetector.detect``); detect.py scores every
-face (``detect_all``); both crop with ``face_crop``.
+align_faces.py keeps the largest face of an image (``FaceDetector.detect``); detect.py and
+evaluate.py score every face (``detect_all``); all crop with ``face_crop``.
 
-MTCNN only batches images of equal size (a mixed batch raises), so ``FaceDetector`` groups
-images by size and runs one batch per group; nothing is ever centre-cropped because a batch
-failed. Boxes are in source pixels. The MTCNN weights ship inside the facenet-pytorch wheel.
+``FaceDetector`` runs ``titan.data.mtcnn_fast``: facenet-pytorch's MTCNN (its nets and weights,
+which ship inside the wheel) over photos of any mixed sizes in one batch, with the boxes facenet
+finds in each photo alone (bench/face_bench.py measures both: speed, and the boxes' agreement).
+``engine="facenet"`` runs facenet's own ``MTCNN.detect`` instead, in equal-size buckets (it only
+batches images of equal size): the reference the tests and bench/face_bench.py compare against.
+Boxes are in source pixels.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from .images import square_resize
+from .mtcnn_fast import detect_faces
 
 # The crop every stage makes unless told otherwise (align_faces.py's defaults, the README's): the
 # face box widened by ``margin`` on each side, faces the detector scores below ``min_prob`` ignored,
@@ -28,8 +32,18 @@ DEFAULT_MIN_PROB = 0.9
 DEFAULT_MAX_SIDE = 1024
 
 # When the caller leaves the batch size to us. CPU: measured with bench/align_bench.py on
-# 2 cores — equal-size batches of 8 beat image-by-image (README, "align_faces.py").
+# 2 cores — equal-size batches of 8 beat image-by-image (docs/stages.md, "align_faces.py").
 AUTO_BATCH = {"cuda": 32, "cpu": 8}
+# How much zero padding (a share of the real pixels) P-Net may compute on to batch photos of
+# different sizes. CPU: none, padding costs what batching saves (bench/face_bench.py); CUDA: fewer,
+# larger calls are expected to win (not yet measured on a GPU).
+PAD_WASTE = {"cuda": 1.0, "cpu": 0.0}
+# The smallest face looked for, in pixels of the image MTCNN sees (≤ max_side). A smaller face
+# makes a crop (box × 1.4) under 56 px, which the model sees upscaled 9× at 512 px (2.3× at the
+# demo's 128): its frequency and SRM inputs then read the interpolation, not the photo. Above
+# MTCNN's usual 20 px, the pyramid's finest scales (its costliest) are skipped and the others are
+# unchanged (titan.data.mtcnn_fast.pyramid_scales); 20 gives facenet's own pyramid.
+MIN_FACE_PX = 40
 
 
 @dataclass(frozen=True)
@@ -48,17 +62,24 @@ class FaceDetector:
     """MTCNN over lists of HxWx3 uint8 RGB images of any (mixed) sizes → one Detection each.
 
     ``max_side`` shrinks larger images before detection (boxes are scaled back): the P-net
-    pyramid costs grow with pixel count, and faces worth cropping stay well above MTCNN's
-    20-pixel minimum. ``min_prob`` drops weak detections (MTCNN's last stage already keeps ≥0.7).
+    pyramid costs grow with pixel count, and faces worth cropping stay well above
+    ``min_face_size`` (``MIN_FACE_PX``, the smallest face looked for). ``min_prob`` drops weak
+    detections (MTCNN's last stage already keeps ≥0.7).
+    ``engine``: "fast" (``titan.data.mtcnn_fast``) or "facenet" (facenet's own ``MTCNN.detect``,
+    the reference; with ``min_face_size=20`` it is titan's detector before the fast one).
     """
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int | None = None,
-                 max_side: int = DEFAULT_MAX_SIDE, min_prob: float = DEFAULT_MIN_PROB, min_face_size: int = 20) -> None:
+                 max_side: int = DEFAULT_MAX_SIDE, min_prob: float = DEFAULT_MIN_PROB, min_face_size: int = MIN_FACE_PX,
+                 engine: str = "fast") -> None:
         from facenet_pytorch import MTCNN
 
+        if engine not in ("fast", "facenet"):
+            raise ValueError(f"FaceDetector engine {engine!r}: choose 'fast' or 'facenet'")
         self.device = torch.device(device)
         self.batch_size = batch_size or AUTO_BATCH.get(self.device.type, 8)
         self.max_side, self.min_prob, self.min_face_size = max_side, min_prob, min_face_size
+        self.engine, self.pad_waste = engine, PAD_WASTE.get(self.device.type, 0.0)
         self.mtcnn = MTCNN(keep_all=True, select_largest=True, min_face_size=min_face_size, device=self.device).eval()
 
     def detection_input(self, img: np.ndarray) -> np.ndarray:
@@ -73,21 +94,47 @@ class FaceDetector:
         ``detection_input`` of each (optional).
 
         An image (as MTCNN sees it) narrower than the smallest face it looks for holds no face:
-        it gets none, so the centre crop, without running MTCNN (which fails on 1×1 or
-        20000×100 images instead of answering)."""
+        it gets none, so the centre crop (1×1 or 20000×100 images included)."""
         small = list(small) if small is not None else [self.detection_input(im) for im in images]
+        for s in small:
+            if s.ndim != 3 or s.shape[2] != 3 or s.dtype != np.uint8:
+                raise ValueError(f"face detection takes HxWx3 uint8 RGB images, got {s.dtype} {s.shape}: "
+                                 "decode with titan.data.images.decode_image (it converts grey, RGBA and 16-bit)")
+        found = self.boxes(small)
+        return [[_rescale(d, images[i].shape, small[i].shape) for d in all_faces(b[:, :4], b[:, 4], self.min_prob)]
+                for i, b in enumerate(found)]
+
+    def boxes(self, small: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """MTCNN's raw answer per detection input: (n, 5) float32 x1, y1, x2, y2, probability,
+        largest first (as facenet's ``MTCNN.detect(select_largest=True)``), any probability ≥ 0.7."""
+        if self.engine == "facenet":
+            return self._facenet_boxes(small)
+        out: list[np.ndarray] = [np.zeros((0, 5), np.float32)] * len(small)
+        order = sorted(range(len(small)), key=lambda i: small[i].shape[:2])  # similar sizes share P-Net canvases
+        m = self.mtcnn
+        for k in range(0, len(order), self.batch_size):
+            chunk = order[k:k + self.batch_size]
+            found = detect_faces([small[i] for i in chunk], m.pnet, m.rnet, m.onet, self.min_face_size, m.thresholds,
+                                 m.factor, self.pad_waste, self.device)
+            for i, b in zip(chunk, found):
+                out[i] = b[np.argsort((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[::-1]]
+        return out
+
+    def _facenet_boxes(self, small: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """facenet's ``MTCNN.detect`` in equal-size buckets (a mixed batch raises there); images
+        narrower than the smallest face are skipped (facenet raises on them)."""
         buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        out: list[list[Detection]] = [[] for _ in images]
+        out: list[np.ndarray] = [np.zeros((0, 5), np.float32)] * len(small)
         for i, s in enumerate(small):
             if min(s.shape[:2]) >= self.min_face_size:
                 buckets[s.shape].append(i)
         for idx in buckets.values():
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]
-                batch = np.stack([small[i] for i in chunk]) if len(chunk) > 1 else small[chunk[0]][None]
-                boxes, probs = self.mtcnn.detect(batch)
+                boxes, probs = self.mtcnn.detect(np.stack([small[i] for i in chunk]))
                 for i, b, p in zip(chunk, boxes, probs):
-                    out[i] = [_rescale(d, images[i].shape, small[i].shape) for d in all_faces(b, p, self.min_prob)]
+                    if b is not None:
+                        out[i] = np.concatenate([np.asarray(b, np.float32), np.asarray(p, np.float32)[:, None]], 1)
         return out
 
 

@@ -7,7 +7,7 @@ align_faces.py → train_v42_diamond.py (demo preset) into run1 → plot_trainin
 safe_inference.py with the last run's folds. With ``--self-train`` it also runs make_diamonds.py
 with run1's folds and train_v42_diamond.py again with the diamonds into run2 (skipped, with a
 notice, when there are none: it would repeat run1); off by default, since on the demo it cost
-as much time as run1 and did not raise the test scores (README, "make demo"). Then detect.py on a
+as much time as run1 and did not raise the test scores (docs/demo.md). Then detect.py on a
 few test images and a short video of them (DIR/detect/: CSV, Grad-CAM heatmaps and an HTML report)
 and evaluate.py on the test set with a reduced robustness sweep (DIR/<run>/evaluation/evaluation.md).
 It ends by scoring that run's submission and probabilities
@@ -324,6 +324,8 @@ def run_demo(out: str | os.PathLike = "demo_run", spec: demo.DemoSpec | None = N
     log.info(f"evaluate.py (metrics with intervals, calibration, robustness): {out / final / 'evaluation' / 'evaluation.md'}")
     log.info(f"submission: {scores['files']['submission']}  |  plots: {out / final / 'plots'}  |  "
              f"scores: {out / 'demo_scores.json'}  |  total {scores['seconds']['total']:.0f} s")
+    log.info(f"try it in a browser: python serve.py --weights-dir {out / final}  → http://127.0.0.1:8000/ "
+             "(drop a photo or a video; docs/serve.md)")
     return scores
 
 

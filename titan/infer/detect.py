@@ -6,7 +6,7 @@ The reusable API behind detect.py (and evaluate.py):
   missing path or an empty glob becomes an item with its error, never dropped.
 - ``Detector`` holds one fold set (``FoldSet``: files, architecture, input size, threshold), its
   calibration (``titan.infer.calibration``: temperature and uncertain band), align_faces.py's
-  face detector and square crop (``titan.data.faces``: ``detect_all`` in equal-size buckets,
+  face detector and square crop (``titan.data.faces``: ``detect_all``, photos of any size in one batch,
   ``face_crop``) and the resilient TTA predictor (``titan.infer.resilient`` → ``titan.infer.tta``).
   ``score_images(named images)`` scores in-memory PIL images or uint8 arrays (nothing is read or
   written); ``run(specs)`` scores files, folders, globs and videos, decoding ahead in threads.

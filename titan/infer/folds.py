@@ -1,7 +1,7 @@
 """A fold set: the one owner of fold files and of what a set of folds decides.
 
 Training's inference stage, make_diamonds.py, safe_inference.py, Grad-CAM, the plots and the
-report all ask here. The rules (also in the README, "Fold sets"):
+report all ask here. The rules (also in docs/folds.md):
 
 - **Files**: ``{prefix}_{backbone,head,meta}_fold{k}.pth`` in one folder (``titan.runfiles``),
   or a backbone glob paired with a head glob. Each fold is read once; its metadata is the

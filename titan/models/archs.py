@@ -1,4 +1,4 @@
-"""The architecture study: TitanNet variants beside the baselines the README compares against.
+"""The architecture study: TitanNet variants beside the baselines (docs/architectures.md).
 
 Every architecture is a *backbone* ([0,1] RGB (B,3,H,W) → pooled features (B, num_features))
 plus a head from titan.heads, so training, the fold ensemble and TTA treat them alike. The
