@@ -8,7 +8,8 @@ Per model (arch@size): ``--folds`` folds (EfficientNet-Lite0 from its packaged I
 TitanNet from random initialisation, heads seeded: speed does not depend on the weights) are
 saved as a run, exported with export.py's ``export_onnx`` (parity checked there), then the same
 ``--n`` faces — square crops of real photos scikit-image ships — are scored by the eager path
-(``ResilientPredictor``: per fold, per view, fp32) and by ``OnnxEnsemble`` (all views of a batch
+(``ResilientPredictor``: per fold, per view, fp32, each fold in its ``for_inference`` form in CPU
+passes of ``CPU_CHUNK`` faces) and by ``OnnxEnsemble`` (all views of a batch
 in one session call) at each thread count (torch.set_num_threads / intra-op threads), interleaved,
 best of ``--repeats``. Verdicts: ``Calibration`` at the folds' threshold on the fold-mean logits;
 the table gives how many differ and the largest logit difference. Model loading and export are

@@ -61,3 +61,35 @@ def test_init_weights_takes_a_lite0_file_and_refuses_another_models_naming_keys(
     torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"other.pth: not EfficientNet-Lite0 weights.*unknown \['features.0.weight'\]"):
         load_lite0_weights(body, tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("size, input_name", [(128, "rgb"), (64, "rgb+fft+srm"), (63, "rgb")])
+def test_the_inference_form_folds_batchnorm_and_gives_the_same_features(size, input_name):
+    """lite0_for_inference (what ResilientPredictor scores with): same features on real photos,
+    no BatchNorm left, only the asymmetric TF paddings kept as a ZeroPad2d; the original is untouched."""
+    from titan.models.archs import for_inference
+    from titan.models.classifier import FoldModel
+    from titan.models.efficientnet_lite import lite0_for_inference
+    from titan.models.heads import build_head
+
+    body = EfficientNetLite0(input_name, size)
+    load_lite0_weights(body, packaged_weights_path())
+    torch.manual_seed(0)
+    with torch.no_grad():  # fine-tuned-looking BatchNorm statistics, not exactly ImageNet's
+        for m in body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(torch.empty_like(m.running_mean).uniform_(-0.05, 0.05))
+                m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.9, 1.1))
+    body.eval()
+    fast = lite0_for_inference(body)
+    x = torch.cat([_coffee(size), _coffee(size).flip(-1)])
+    with torch.no_grad():
+        want, got = body(x), fast(x)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max() and want.abs().max() > 0.1
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules()) and not body.channels_last
+    pads = [m.static_padding for m in fast.modules() if isinstance(getattr(m, "static_padding", None), torch.nn.ZeroPad2d)]
+    assert all(p.padding[0] != p.padding[1] or p.padding[2] != p.padding[3] for p in pads)
+    model = FoldModel(body, build_head("linear", body.num_features)).eval()
+    assert for_inference(model) is not model and isinstance(for_inference(model).backbone, EfficientNetLite0)
+    assert for_inference(FoldModel(torch.nn.Identity(), torch.nn.Identity())) is not None

@@ -16,9 +16,10 @@ from fold_fixtures import write_v42_folds
 from titan.checkpoints import save_checkpoint
 from titan.infer.calibration import Calibration
 from titan.infer.folds import FoldSet
-from titan.infer.onnx_engine import OnnxEngineError, OnnxEnsemble, sidecar_path
+from titan.infer.onnx_engine import GRAPH_FIELDS, OnnxEngineError, OnnxEnsemble, sidecar_path
 from titan.infer import onnx_export
 from titan.infer.onnx_export import ExportOptions, export_onnx, parity_faces
+from titan.infer.record import Preprocessing
 from titan.infer.resilient import ResilientPredictor
 from titan.infer.tta import resolve_tta
 from titan.models.archs import build_arch_backbone, default_start, parse_arch
@@ -72,12 +73,17 @@ def test_export_writes_the_graph_and_the_preprocessing_record(atto_run, atto_exp
     assert r.onnx == atto_run / "v42_ensemble.onnx" and r.sidecar == sidecar_path(r.onnx)
     rec = json.loads(r.sidecar.read_text())
     fs = FoldSet.from_folder(atto_run)
-    assert rec["arch"] == "titan-atto" and rec["img_size"] == 32 and rec["folds"] == ["fold0", "fold1"]
+    assert rec["arch"] == "titan-atto" and rec["folds"] == ["fold0", "fold1"]
     assert rec["input"]["shape"] == ["N", 3, 32, 32] and rec["output"]["shape"] == ["n_folds", "N"]
-    assert rec["tta"] == "identity,hflip,rot+5,rot-5" and rec["crop"]["margin"] == 0.2 and rec["crop"]["max_side"] == 1024
+    # the folds' record as FoldSet.resolve gives it: these folds record their size only
+    assert rec["preprocessing"] == fs.resolve(say=_quiet).as_record()
+    p = rec["preprocessing"]
+    assert p["img_size"] == 32 and p["sources"]["img_size"] == "the folds' record" and p["input"] == ""  # "": the arch's own (9 channels)
+    assert p["tta"] == ["identity", "hflip", "rot+5", "rot-5"] and p["sources"]["tta"] == "default"
+    assert (p["margin"], p["min_prob"], p["max_side"]) == (0.2, 0.9, 1024) and p["mean"] == [0.5, 0.5, 0.5]
     assert rec["threshold"] == THRESHOLD and rec["calibration"]["temperature"] == TEMPERATURE
     assert rec["calibration"]["band"] == BAND and rec["folds_digest"] == fs.digest()
-    assert "FFT" in rec["normalisation"] and "aten::fft_rfft2" in rec["fft"]
+    assert "aten::fft_rfft2" in rec["fft"]
     assert rec["parity"]["max_abs_diff"] == r.max_abs_diff <= 1e-3 and rec["parity"]["n_inputs"] == 5 * 4
     assert not [p for p in atto_run.iterdir() if p.name.endswith(".tmp")]
 
@@ -113,15 +119,24 @@ def test_efficientnet_lite0_exports_with_parity(arch, tmp_path):
     assert np.abs(engine(faces) - want).max() < 1e-3
 
 
-def test_crop_and_tta_recorded_by_the_folds_travel_into_the_sidecar(tmp_path):
-    run = _lite0_run(tmp_path, "efficientnet-lite0", 32, meta={"margin": 0.3, "min_prob": 0.8, "tta": "minimal"})
-    rec = export_onnx(ExportOptions(weights_dir=str(run)), _quiet).record
-    assert rec["crop"]["margin"] == 0.3 and rec["crop"]["min_prob"] == 0.8 and rec["crop"]["max_side"] == 1024
-    assert rec["tta"] == "identity,hflip" and rec["tta_source"] == "the folds' metadata"
-    assert "margin from the folds" in rec["crop"]["source"] and "max_side default" in rec["crop"]["source"]
-    assert "RGB (x-0.5)/0.5" == rec["normalisation"] and rec["fft"] is None
-    rec = export_onnx(ExportOptions(weights_dir=str(run), tta="identity"), _quiet).record  # a flag beats the record
-    assert rec["tta"] == "identity" and rec["tta_source"] == "--tta"
+def _recorded(arch: str, size: int, tta: str = "minimal") -> dict:
+    """A fold meta's preprocessing record as training writes it (faces cropped at margin 0.3, min_prob 0.8)."""
+    crop = {"margin": 0.3, "min_prob": 0.8, "max_side": 800}
+    return {"preprocessing": Preprocessing.for_training(arch, size, tta, crop, input="rgb").to_dict()}
+
+
+def test_the_folds_record_travels_into_the_sidecar_and_flags_meet_it_as_everywhere(tmp_path, capsys):
+    run = _lite0_run(tmp_path, "efficientnet-lite0", 32, meta=_recorded("efficientnet-lite0", 32))
+    p = export_onnx(ExportOptions(weights_dir=str(run)), _quiet).record["preprocessing"]
+    assert (p["margin"], p["min_prob"], p["max_side"]) == (0.3, 0.8, 800) and p["tta"] == ["identity", "hflip"]
+    assert p["input"] == "rgb" and p["mean"] == p["std"] == [0.5, 0.5, 0.5]
+    assert {p["sources"][k] for k in ("margin", "tta", "img_size")} == {"the folds' record"}
+    p = export_onnx(ExportOptions(weights_dir=str(run), tta="identity"), _quiet).record["preprocessing"]
+    assert p["tta"] == ["identity"] and p["sources"]["tta"] == "flag"  # a flag beats the record (TTA: no forcing)
+    # an input size the folds were not trained at: refused as every consumer refuses it, nothing written
+    out = tmp_path / "other" / "m.onnx"
+    assert export.main(["--weights-dir", str(run), "--img-size", "48", "--out", str(out)]) == 2
+    assert "--img-size 48 was given" in capsys.readouterr().err and not out.parent.exists()
 
 
 def test_export_refuses_a_graph_that_differs_from_pytorch_and_writes_nothing(atto_run, tmp_path, monkeypatch, capsys):
@@ -158,7 +173,7 @@ def test_engine_refuses_stale_or_mismatched_files(atto_run, atto_export, tmp_pat
     OnnxEnsemble(onnx, threads=1)  # a copy with the same content: fine without the weights check
     st = (run / "v42_head_fold1.pth").stat()
     os.utime(run / "v42_head_fold1.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the fold file changed
-    with pytest.raises(OnnxEngineError, match="other fold files.*re-run export.py"):
+    with pytest.raises(OnnxEngineError, match="stale.*other fold files.*python export.py --weights-dir"):
         OnnxEnsemble(onnx, weights_dir=run, threads=1)
     rec = json.loads(sidecar_path(onnx).read_text())
     sidecar_path(onnx).write_text(json.dumps({**rec, "onnx_sha256": "0" * 64}))
@@ -170,3 +185,117 @@ def test_engine_refuses_stale_or_mismatched_files(atto_run, atto_export, tmp_pat
     engine = OnnxEnsemble(atto_export.onnx, threads=1)
     with pytest.raises(OnnxEngineError, match=r"takes \(B,3,32,32\) faces, got \(1, 3, 64, 64\)"):
         engine(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+# --- --engine onnx: detect.py, evaluate.py and serve.py score with the export ---------------------------
+
+@pytest.fixture(scope="module")
+def lite_run(tmp_path_factory) -> Path:
+    """Two EfficientNet-Lite0 folds (ImageNet features: logits far from 0) at 64 px, calibrated, exported."""
+    run = _lite0_run(tmp_path_factory.mktemp("lite_run"), "efficientnet-lite0", 64)
+    (run / "metrics_v42.json").write_text(json.dumps({
+        "oof": {"threshold": 0.5}, "calibration": {"temperature": 1.3, "uncertain_band": 0.02}}))
+    export_onnx(ExportOptions(weights_dir=str(run)), _quiet)
+    return run
+
+
+@pytest.fixture(scope="module")
+def face_photos(tmp_path_factory) -> Path:
+    """Real photos: two faces, a face pair, a photo without a face."""
+    import cv2
+    from skimage import data
+    from titan.demo.dataset import FACE_PHOTOS, _rgb
+
+    folder = tmp_path_factory.mktemp("photos")
+    astro = cv2.resize(_rgb(FACE_PHOTOS["astronaut"]()), (192, 192), interpolation=cv2.INTER_AREA)
+    grace = cv2.resize(_rgb(FACE_PHOTOS["grace_hopper"]()), (160, 192), interpolation=cv2.INTER_AREA)
+    for name, img in {"astro": astro, "grace": grace, "two": np.concatenate([astro, grace], 1),
+                      "coffee": cv2.resize(data.coffee(), (200, 150))}.items():
+        cv2.imwrite(str(folder / f"{name}.png"), img[..., ::-1])
+    return folder
+
+
+def _detect(*args) -> int:
+    import detect
+
+    return detect.main([*map(str, args), "--no-progress", "--device", "cpu", "--workers", "0"])
+
+
+def _rows(path: Path) -> dict:
+    return {(r["path"], r["face"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_detect_with_the_onnx_engine_gives_the_torch_engines_verdicts_and_probabilities(lite_run, face_photos, tmp_path):
+    out = {}
+    for engine in ("torch", "onnx"):
+        out[engine] = tmp_path / f"{engine}.jsonl"
+        assert _detect(face_photos, "--weights-dir", lite_run, "--engine", engine, "--out", out[engine],
+                       "--heatmaps", tmp_path / f"heat_{engine}") == 0
+    torch_rows, onnx_rows = _rows(out["torch"]), _rows(out["onnx"])
+    assert list(torch_rows) == list(onnx_rows) and len(torch_rows) == 4 + 5  # 5 faces (and centre squares), 4 inputs
+    probs = np.array([[r["prob"] for r in rows.values()] for rows in (torch_rows, onnx_rows)])
+    assert probs.std() > 0.01 and np.abs(probs[0] - probs[1]).max() < 1e-4
+    for key, r in torch_rows.items():
+        o = onnx_rows[key]
+        assert (o["verdict"], o["decision"], o["status"], o["box"]) == (r["verdict"], r["decision"], r["status"], r["box"])
+        assert abs(o["calibrated_prob"] - r["calibrated_prob"]) < 1e-4
+    # Grad-CAM heatmaps from the PyTorch folds under either engine: the same pictures
+    heat = {e: sorted(p.name for p in (tmp_path / f"heat_{e}").iterdir()) for e in out}
+    assert heat["torch"] == heat["onnx"] and len(heat["onnx"]) == 5
+
+
+def test_detect_refuses_a_stale_or_mismatched_export_naming_export_py(lite_run, face_photos, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lite_run, run)  # copytree keeps the files' times: the digest still matches
+    assert _detect(face_photos / "astro.png", "--weights-dir", run, "--engine", "onnx") == 0
+    capsys.readouterr()
+    # the same flags must resolve to what the graph was exported with
+    assert _detect(face_photos / "astro.png", "--weights-dir", run, "--engine", "onnx", "--img-size", "48",
+                   "--force-preprocessing") == 2
+    err = capsys.readouterr().err
+    assert "img_size 64 in the export, 48 now" in err and f"python export.py --weights-dir {lite_run}" in err
+    # --onnx only with --engine onnx
+    assert _detect(face_photos / "astro.png", "--weights-dir", run, "--onnx", run / "v42_ensemble.onnx") == 2
+    assert "add --engine onnx" in capsys.readouterr().err
+    # a fold file changed after the export: stale
+    st = (run / "v42_head_fold1.pth").stat()
+    os.utime(run / "v42_head_fold1.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _detect(face_photos / "astro.png", "--weights-dir", run, "--engine", "onnx") == 2
+    err = capsys.readouterr().err
+    assert "is stale" in err and "other fold files than the folds loaded now (fold0, fold1)" in err and "export.py" in err
+    # no export at all: named, with the command that writes it
+    (run / "v42_ensemble.onnx").unlink()
+    assert _detect(face_photos / "astro.png", "--weights-dir", run, "--engine", "onnx") == 2
+    assert "no such ONNX file; export one with export.py" in capsys.readouterr().err
+
+
+def test_for_folds_checks_what_the_graph_bakes_in(lite_run):
+    fs = FoldSet.from_folder(lite_run)
+    prep = fs.resolve(say=_quiet)
+    engine = OnnxEnsemble.for_folds(lite_run / "v42_ensemble.onnx", fs, prep, threads=1)
+    assert engine.views == list(prep.tta) and engine.names == fs.names
+    assert engine.prep["img_size"] == 64 and set(GRAPH_FIELDS) <= set(engine.prep)
+    from dataclasses import replace
+
+    with pytest.raises(OnnxEngineError, match=r"mean \[0.5, 0.5, 0.5\] in the export, \[0.4, 0.4, 0.4\] now"):
+        OnnxEnsemble.for_folds(lite_run / "v42_ensemble.onnx", fs, replace(prep, mean=(0.4,) * 3), threads=1)
+    engine = OnnxEnsemble.for_folds(lite_run / "v42_ensemble.onnx", fs, replace(prep, tta=("identity",)), threads=1)
+    assert engine.views == ["identity"]  # TTA and crop are the consumer's: applied outside the graph
+
+
+def test_serve_says_which_engine_scores(lite_run):
+    from fastapi.testclient import TestClient
+    from titan.infer.detect import Detector
+    from titan.serve.app import create_app
+    from titan.serve.service import Service
+
+    for engine in ("torch", "onnx"):
+        det = Detector.from_run(lite_run, device="cpu", say=_quiet, engine=engine)
+        with TestClient(create_app(Service(det))) as c:
+            m = c.get("/v1/model").json()
+        assert m["engine"]["name"] == engine
+        if engine == "onnx":
+            assert m["engine"]["file"] == "v42_ensemble.onnx" and len(m["engine"]["sha256"]) == 64
+            assert str(lite_run) not in json.dumps(m)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TITAN = ROOT / "titan"
 SCRIPTS = ["align_faces.py", "train_v42_diamond.py", "make_diamonds.py", "safe_inference.py", "plot_training_curves.py",
-           "detect.py"]
+           "detect.py", "export.py"]
 
 
 def sources(*exclude: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ SCRIPTS = {
     "detect.py": "docs/detect.md",
     "evaluate.py": "docs/evaluate.md",
     "serve.py": "docs/serve.md",
+    "export.py": "docs/export.md",
     "bench/compare_archs.py": "docs/architectures.md",
     "bench/detect_bench.py": "docs/detect.md",
     "ensemble.py": "docs/folds.md",

@@ -43,6 +43,7 @@ from ..safe_text import display_path
 from .calibration import Calibration
 from .ensemble import mean_member_logits
 from .folds import EnsembleSet, FoldSet, FoldSetError, load_scoring_set, members_of
+from .onnx_engine import OnnxEngineError, OnnxEnsemble
 from .record import Preprocessing
 from .resilient import CropFlags, EnsembleOptions, ResilientPredictor, pick_device
 
@@ -54,6 +55,7 @@ VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 ROW_COLUMNS = ["path", "frame", "face", "box", "prob", "calibrated_prob", "decision", "verdict", "status", "error",
                "folds", "name_escaped"]
 FACE, NO_FACE_STATUS, OK, ERROR = "face", "no_face", "ok", "error"
+ENGINES = ("torch", "onnx")
 
 
 class DetectError(RuntimeError):
@@ -63,12 +65,17 @@ class DetectError(RuntimeError):
 
 @dataclass
 class DetectorOptions(EnsembleOptions, CropFlags):
-    """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py)."""
+    """The flags of every command that scores raw photos with a run's detector (detect.py, evaluate.py, serve.py)."""
+
+    engine: str = option("torch", "what runs the fold ensemble: torch (the PyTorch folds) or onnx (the graph "
+                                  "export.py wrote, on ONNX Runtime, CPU); faces and Grad-CAM stay PyTorch",
+                         choices=ENGINES)
+    onnx: str = option("", "--engine onnx's graph; empty = WEIGHTS_DIR/PREFIX_ensemble.onnx (export.py's default)")
 
     def detector(self, say: Callable[[str], None] = log.info, band: float | None = None) -> "Detector":
         """The run's detector as these flags describe it (each preprocessing flag against the folds' record)."""
         return Detector.from_run(self.weights_dir, self.prefix, flags=self, band=band, say=say, device=self.device,
-                                 batch_size=self.batch_size, amp=self.amp)
+                                 batch_size=self.batch_size, amp=self.amp, engine=self.engine, onnx=self.onnx)
 
 
 @dataclass
@@ -335,18 +342,27 @@ class _Member:
     folds: FoldSet
     prep: Preprocessing
     n_run_folds: int
-    predictor: ResilientPredictor
+    predictor: ResilientPredictor | OnnxEnsemble  # OnnxEnsemble: --engine onnx (one run only)
 
 
 class Detector:
-    """A fold set, its calibration, the face detector and a resilient TTA predictor, loaded once."""
+    """A fold set, its calibration, the face detector and the ensemble's engine, loaded once:
+    ``engine`` torch, the resilient TTA predictor over the PyTorch folds; onnx, the folds' export
+    (``OnnxEnsemble.for_folds``: ``onnx`` or the run's ``RunFiles.ensemble_onnx``, refused when stale)."""
 
     def __init__(self, folds: FoldSet | EnsembleSet, calibration: Calibration, prep: Preprocessing | Sequence[Preprocessing],
-                 device: str = "auto", batch_size: int = 32, amp: bool = True) -> None:
+                 device: str = "auto", batch_size: int = 32, amp: bool = True, engine: str = "torch",
+                 onnx: str | os.PathLike = "") -> None:
         members = members_of(folds)
         preps = [prep] if isinstance(prep, Preprocessing) else list(prep)
         if not all(m.folds for m in members) or len(preps) != len(members):
             raise DetectError("no fold to score with")
+        if engine not in ENGINES:
+            raise DetectError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+        if onnx and engine != "onnx":
+            raise DetectError(f"--onnx {onnx} is read by --engine onnx only; add --engine onnx (or drop --onnx)")
+        if engine == "onnx" and len(members) > 1:
+            raise DetectError("--engine onnx scores one run's folds; an ensemble of runs scores with --engine torch")
         # an ensemble (titan.infer.ensemble): each member crops and scores at its own preprocessing; the
         # first member's stands for the detector where one value is asked (face detection, reports)
         self.folds, self.calibration, self.preps = folds, calibration, preps
@@ -363,7 +379,32 @@ class Detector:
                                 ResilientPredictor([f.model.eval() for f in m.folds], m.names, self.device, list(p.tta),
                                                    max(1, batch_size), amp, self.notes))
                         for m, p in zip(members, preps)]
+        self.engine = engine
+        if engine == "onnx":
+            fs = members[0]
+            path = Path(onnx) if onnx else fs.run.ensemble_onnx if fs.run is not None else None
+            if path is None:
+                raise DetectError("--engine onnx: name the exported graph with --onnx PATH (export.py writes it)")
+            try:
+                self.members[0].predictor = OnnxEnsemble.for_folds(path, fs, self.prep, batch_size=max(1, batch_size))
+            except OnnxEngineError as e:
+                raise DetectError(str(e)) from None
         self.predictor = self.members[0].predictor
+
+    @property
+    def fold_models(self) -> tuple[list[torch.nn.Module], torch.device]:
+        """The PyTorch fold models as trained (the first member's) and the device they are on: Grad-CAM's
+        (whichever engine scores, the heatmaps come from these)."""
+        if isinstance(self.predictor, ResilientPredictor):
+            return self.predictor.on_device, self.predictor.device
+        return self.members[0].folds.models, torch.device("cpu")
+
+    def engine_info(self) -> dict:
+        """What runs the ensemble, for /v1/model and the log: ``{"name": "torch" | "onnx", ...}``."""
+        if isinstance(self.predictor, OnnxEnsemble):
+            return {"name": "onnx", "file": self.predictor.path.name, "sha256": self.predictor.record["onnx_sha256"],
+                    "threads": self.predictor.threads, "device": "cpu"}
+        return {"name": "torch", "device": str(self.predictor.device)}
 
     @classmethod
     def from_run(cls, weights_dir: str | os.PathLike = ".", prefix: str = DEFAULT_PREFIX, *, tta: str = "",
@@ -390,9 +431,10 @@ class Detector:
                 raise DetectError(f"--uncertain-band {band}: a half-width on the probability scale must be ≤ 0.5")
             cal = replace(cal, band=float(band), note=f"{cal.note}; band set to ±{band:.3f} (--uncertain-band)")
         det = cls(fs, cal, prep, **kwargs)
+        engine = "" if det.engine == "torch" else f"; engine onnx ({det.predictor.path})"
         say(f"{fs.describe()} from {weights_dir}; " + "; ".join(
             f"input {p.img_size} px, TTA {','.join(p.tta)}, crop margin {p.margin:g}" for p in prep)
-            + f"; device {det.device}; {cal.note}")
+            + f"; device {det.device}{engine}; {cal.note}")
         return det
 
     # --- faces and scores ---

@@ -299,11 +299,24 @@ class FoldSet:
     def digest(self) -> str:
         """A short digest of the files the loaded folds came from (name, size, modification time) and
         of the run's metrics file: work scored with this set is reused only while it matches."""
-        paths = [p for f in self.folds for p in (f.files.backbone, f.files.head, f.files.meta) if p is not None]
-        paths += sorted({f.files.backbone.with_name(f.meta["backbone_base"]) for f in self.folds if f.meta.get("backbone_base")})
-        if self.run is not None and self.run.metrics_json.is_file():
-            paths.append(self.run.metrics_json)
+        bases = sorted({f.files.backbone.with_name(f.meta["backbone_base"]) for f in self.folds if f.meta.get("backbone_base")})
+        return self.files_digest([f.files for f in self.folds], self.run, bases)
+
+    @staticmethod
+    def files_digest(files: Sequence[FoldFiles], run: RunFiles | None = None, extra: Sequence[Path] = ()) -> str:
+        """``digest()`` of a set made of ``files`` (and ``run``'s metrics file; ``extra``: the shared
+        base backbone a probe's folds name), without loading them."""
+        paths = [p for f in files for p in (f.backbone, f.head, f.meta) if p is not None] + list(extra)
+        if run is not None and run.metrics_json.is_file():
+            paths.append(run.metrics_json)
         return digest_lines(file_version(p) for p in paths)
+
+    @classmethod
+    def folder_digest(cls, folder: str | os.PathLike, prefix: str = DEFAULT_PREFIX) -> str:
+        """``digest()`` of ``from_folder(folder, prefix)`` when every fold loads (backbones without a
+        head are not folds), without loading any weights."""
+        files = [f for f in find_fold_files(folder, prefix) if f.head is not None]
+        return cls.files_digest(files, RunFiles(Path(folder), prefix))
 
     @property
     def models(self) -> list[FoldModel]:

@@ -1,13 +1,16 @@
 """The fold ensemble on ONNX Runtime: ``OnnxEnsemble``, a drop-in for ``ResilientPredictor``.
 
 ``export.py`` (``titan.infer.onnx_export``) writes one ``.onnx`` graph — float [0,1] faces
-(N,3,S,S) → per-fold logits (n_folds, N) — and a JSON sidecar beside it with the preprocessing
-record (architecture, input size, TTA views, crop, threshold, calibration, the folds' digest).
+(N,3,S,S) → per-fold logits (n_folds, N) — and a JSON sidecar beside it with the folds'
+resolved preprocessing record (``Preprocessing.as_record``), threshold, calibration and digest.
 ``OnnxEnsemble`` loads both and keeps ``ResilientPredictor.__call__``'s contract: uint8
 (B,3,S,S) → logits (n_folds, B), the TTA views averaged per fold, so detect, evaluate and serve
 can swap engines. The TTA views are applied here, outside the graph, with the same
 ``titan.infer.tta.tta_view`` as the PyTorch path, and all views of a chunk go through the graph
-as one batch (one session call instead of one per view).
+as one batch (one session call instead of one per view). ``for_folds`` is how detect, evaluate
+and serve (``--engine onnx``) open it: the sidecar must name the same fold files (digest) and the
+same graph preprocessing (``GRAPH_FIELDS``) as the folds and flags they resolved, else the export
+is stale and refused, naming export.py as the fix.
 """
 from __future__ import annotations
 
@@ -22,13 +25,16 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointError
-from ..runfiles import RunFiles
-from .folds import Fold, FoldSet, find_fold_files
+from .folds import FoldSet
+from .record import Preprocessing
 from .tta import resolve_tta, tta_view
 
 log = logging.getLogger("titan")
 
-FORMAT = "titan-onnx-ensemble/1"
+FORMAT = "titan-onnx-ensemble/2"  # /2: the preprocessing record as Preprocessing.as_record gives it
+# What the graph itself does with the faces, fixed at export: a consumer resolving other values
+# needs another export. Crop and TTA are applied outside the graph, by the consumer's own values.
+GRAPH_FIELDS = ("arch", "input", "img_size", "mean", "std")
 INPUT, OUTPUT = "faces", "logits"
 OPTIMIZATION = ("disable", "basic", "extended", "all")
 
@@ -65,11 +71,11 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict:
     return record
 
 
-def weights_digest(folder: str | os.PathLike, prefix: str = "v42") -> str:
-    """``FoldSet.digest()`` of a run folder's fold files without loading any weights (the export
-    loads every fold strictly, so the same files make the same digest)."""
-    files = [f for f in find_fold_files(folder, prefix) if f.head is not None]
-    return FoldSet([Fold(f.name, None, f) for f in files], run=RunFiles(Path(folder), prefix)).digest()
+def export_command(onnx_path: str | os.PathLike, record: dict | None = None) -> str:
+    """The export.py command that rewrites ``onnx_path`` (for the messages that refuse a stale one)."""
+    record = record or {}
+    return (f"python export.py --weights-dir {record.get('weights_dir') or 'RUN'} --prefix {record.get('prefix') or 'v42'} "
+            f"--out {onnx_path}")
 
 
 def stack_views(x: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
@@ -99,8 +105,8 @@ class OnnxEnsemble:
     """Per-fold TTA logits from an exported ensemble; ``__call__`` as ``ResilientPredictor.__call__``.
 
     ``weights_dir`` (optional): the run folder the export came from; its fold files must still have
-    the digest the sidecar records (else the export is stale: an error saying to re-export).
-    ``views``: TTA views (a preset or list); default the sidecar's. ``threads``: intra-op threads
+    the digest the sidecar records (else the export is stale: an error saying to re-export); a
+    loaded fold set is checked with ``for_folds`` instead. ``views``: TTA views (a preset or list); default the sidecar's. ``threads``: intra-op threads
     (0: torch's count). ``batch_size``: inputs per session call, the views of ``batch_size // V`` faces
 (measured: a few dozen inputs per call run faster on CPU than every view of 32 faces at once).
 CPU only (the onnxruntime package in requirements.txt).
@@ -121,13 +127,11 @@ CPU only (the onnxruntime package in requirements.txt).
             raise OnnxEngineError(f"{self.path} does not match its sidecar {sidecar_path(self.path)} (another export's "
                                   "file?); re-run export.py")
         if weights_dir is not None:
-            now = weights_digest(weights_dir, prefix)
-            if now != self.record.get("folds_digest"):
-                raise OnnxEngineError(f"{self.path} was exported from other fold files than those now in {weights_dir} "
-                                      f"(digest {self.record.get('folds_digest')} vs {now}); re-run export.py")
+            self._check_digest(FoldSet.folder_digest(weights_dir, prefix), f"those now in {weights_dir}")
         self.names: list[str] = list(self.record["folds"])
-        self.img_size = int(self.record["img_size"])
-        views = views or self.record["tta"]
+        self.prep: dict = self.record["preprocessing"]
+        self.img_size = int(self.prep["img_size"])
+        views = views or self.prep["tta"]
         self.views = resolve_tta(views)
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device("cpu")
@@ -138,6 +142,29 @@ CPU only (the onnxruntime package in requirements.txt).
         self.threads = self.session.get_session_options().intra_op_num_threads
         log.info("ONNX ensemble %s: %d fold(s) of %s at %d px, TTA %s, %d intra-op thread(s)", self.path, len(self.names),
                  self.record["arch"], self.img_size, ",".join(self.views), self.threads)
+
+    @classmethod
+    def for_folds(cls, onnx_path: str | os.PathLike, fs: FoldSet, prep: Preprocessing, **kwargs) -> "OnnxEnsemble":
+        """The export of ``fs`` to score with ``prep`` (its TTA views): refused (``OnnxEngineError``
+        naming export.py) unless the sidecar names the same fold files (``fs.digest()``, the same
+        folds in the same order) and the same ``GRAPH_FIELDS`` as ``prep``."""
+        engine = cls(onnx_path, views=list(prep.tta), **kwargs)
+        engine._check_digest(fs.digest(), f"the folds loaded now ({', '.join(fs.names)})")
+        want = {k: v for k, v in prep.as_record().items() if k in GRAPH_FIELDS}
+        have = {k: engine.prep.get(k) for k in GRAPH_FIELDS}
+        clash = [f"{k} {have[k]!r} in the export, {want[k]!r} now" for k in GRAPH_FIELDS if have[k] != want[k]]
+        if clash or engine.names != fs.names:
+            clash += [] if engine.names == fs.names else [f"folds {engine.names} in the export, {fs.names} now"]
+            raise OnnxEngineError(f"{engine.path} was exported with other preprocessing than the folds and flags resolve "
+                                  f"to now ({'; '.join(clash)}); re-export with the same flags: "
+                                  f"{export_command(engine.path, engine.record)}")
+        return engine
+
+    def _check_digest(self, now: str, what: str) -> None:
+        if now != self.record.get("folds_digest"):
+            raise OnnxEngineError(f"{self.path} is stale: it was exported from other fold files than {what} (digest "
+                                  f"{self.record.get('folds_digest')} in its sidecar, {now} now); re-export it: "
+                                  f"{export_command(self.path, self.record)}")
 
     @property
     def n_folds(self) -> int:

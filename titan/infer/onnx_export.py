@@ -2,9 +2,10 @@
 
 One graph per run: float [0,1] faces (N,3,S,S) at the folds' input size → per-fold logits
 (n_folds, N), the numbers the PyTorch fold models give for one TTA view (the views are applied
-by the caller: ``titan.infer.onnx_engine``). Beside it, a JSON sidecar holds the preprocessing
-record a consumer needs (architecture, input size and normalisation, TTA views, face crop,
-threshold, calibration, the folds' digest) and the parity the export measured.
+by the caller: ``titan.infer.onnx_engine``). Beside it, a JSON sidecar holds what a consumer
+needs: the folds' preprocessing record as ``FoldSet.resolve`` resolves it with the export's flags
+(``Preprocessing.as_record``: architecture, input, size, mean/std, crop, TTA views, where each
+came from), the threshold, the calibration, the folds' digest and the parity the export measured.
 
 Exporter: torch.onnx's TorchScript exporter (``dynamo=False``), opset 17, works offline for
 every architecture of the study. It has no ``aten::fft_rfft2``, so the 9-channel input's FFT is
@@ -31,18 +32,16 @@ import torch.nn as nn
 from ..checkpoints import atomic_json, atomic_write
 from ..config import ScriptOptions, option
 from ..data.images import square_resize, to_chw_uint8
-from ..models.archs import ImageNetNormalize
 from ..models.frequency import FrequencyInput, MatmulFrequencyInput
 from ..runfiles import RunFiles
 from .folds import FoldSet
 from .onnx_engine import FORMAT, INPUT, OUTPUT, OnnxEngineError, file_sha256, session_options, sidecar_path, stack_views
-from .tta import TTA_PRESETS, resolve_tta
+from .resilient import FoldSetFlags
 
 log = logging.getLogger("titan")
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-3
-DEFAULT_CROP = {"margin": 0.2, "min_prob": 0.9, "max_side": 1024}  # align_faces.py's defaults
 PARITY_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket")  # scikit-image's, offline
 
 
@@ -51,17 +50,11 @@ class ExportError(OnnxEngineError):
 
 
 @dataclass
-class ExportOptions(ScriptOptions):
-    """export.py's flags."""
+class ExportOptions(FoldSetFlags, ScriptOptions):
+    """export.py's flags: the folds and their preprocessing flags as every ensemble script has them
+    (``FoldSetFlags``; ``--tta`` is the views the sidecar gives a consumer that names none), then its own."""
 
-    weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
-    prefix: str = option("v42", "fold file prefix: v42 (ours) or titan (V38 release)")
     out: str = option("", "the .onnx file to write; default WEIGHTS_DIR/PREFIX_ensemble.onnx (the sidecar .json beside it)")
-    img_size: int = option(0, "input size; 0 = the folds' own (checkpoint metadata, else 512)")
-    force_preprocessing: bool = option(False, "export at --img-size even when the folds were trained at another size",
-                                       aliases=("--force-img-size",))
-    tta: str = option("", "TTA views the sidecar records for the engine: full, minimal or a list; '' = the folds' "
-                          "record, else full")
     tolerance: float = option(PARITY_TOLERANCE, "largest |ONNX − PyTorch| logit allowed on the check photos")
     opset: int = option(OPSET, "ONNX opset")
 
@@ -99,15 +92,6 @@ def exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def normalisation(model: nn.Module) -> str:
-    """What the graph does to the [0,1] faces before the body, in words, for the sidecar."""
-    if any(isinstance(m, FrequencyInput) for m in model.modules()):
-        return "9 channels: RGB (x-0.5)/0.5, FFT log-amplitude (log1p|rfft2|-3)/3, SRM residuals x3 (titan.models.frequency)"
-    if any(isinstance(m, ImageNetNormalize) for m in model.modules()):
-        return "RGB (x-mean)/std, ImageNet mean (0.485,0.456,0.406) std (0.229,0.224,0.225)"
-    return "RGB (x-0.5)/0.5"
-
-
 def parity_faces(size: int) -> tuple[list[str], torch.Tensor]:
     """Real photos scikit-image ships (offline), centre-square resized → (names, uint8 (n,3,S,S))."""
     from skimage import data
@@ -119,30 +103,6 @@ def parity_faces(size: int) -> tuple[list[str], torch.Tensor]:
         names.append(name)
         faces.append(to_chw_uint8(square_resize(np.ascontiguousarray(img), size)))
     return names, torch.stack(faces)
-
-
-def _recorded(fs: FoldSet, key: str):
-    values = {f.meta.get(key) for f in fs.folds} - {None}
-    return values.pop() if len(values) == 1 else None
-
-
-def resolve_record(fs: FoldSet, tta: str = "") -> tuple[list[str], str, dict]:
-    """(TTA views, where they came from, crop): explicit → the folds' record → the default."""
-    recorded = _recorded(fs, "tta")
-    if tta:
-        views, src = resolve_tta(tta), "--tta"
-    elif isinstance(recorded, str) and recorded:
-        views, src = resolve_tta(recorded), "the folds' metadata"
-    else:
-        views, src = resolve_tta("full"), f"default (full: {TTA_PRESETS['full']})"
-    crop, sources = {}, []
-    for key, default in DEFAULT_CROP.items():
-        value = _recorded(fs, key)
-        usable = isinstance(value, (int, float)) and not isinstance(value, bool)
-        crop[key] = type(default)(value) if usable else default
-        sources.append(f"{key} {'from the folds' if usable else 'default'}")
-    crop["source"] = ", ".join(sources)
-    return views, src, crop
 
 
 def _export_graph(graph: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
@@ -171,15 +131,15 @@ def check_parity(path: str | Path, reference: nn.Module, x: torch.Tensor) -> flo
 def export_onnx(opts: ExportOptions, say: Callable[[str], None] = log.info) -> ExportResult:
     """Write ``opts.out`` (.onnx) and its sidecar (.json), atomically, after the parity check."""
     t0 = time.time()
-    fs = FoldSet.from_folder(opts.weights_dir, opts.prefix)
-    size = fs.input_size(opts.img_size, opts.force_preprocessing, say)
     out = Path(opts.out) if opts.out else RunFiles(Path(opts.weights_dir), opts.prefix).ensemble_onnx
     if out.suffix != ".onnx":
         raise ExportError(f"--out {out}: name the file .onnx (its sidecar is written beside it as .json)")
-    views, tta_src, crop = resolve_record(fs, opts.tta)
+    fs = FoldSet.from_folder(opts.weights_dir, opts.prefix)
+    prep = opts.resolve(fs, say)
+    size, views = prep.img_size, list(prep.tta)
     threshold, th_note = fs.threshold()
     cal = fs.calibration((threshold, th_note), say)
-    say(f"export: {fs.describe()} → {out} (opset {opts.opset}); TTA {','.join(views)} ({tta_src})")
+    say(f"export: {fs.describe()} → {out} (opset {opts.opset})")
 
     reference = FoldLogits([m.eval() for m in fs.models]).eval()
     graph = FoldLogits([exportable(m) for m in fs.models]).eval()
@@ -206,10 +166,9 @@ def export_onnx(opts: ExportOptions, say: Callable[[str], None] = log.info) -> E
                   "layout": "RGB, NCHW; uint8 faces / 255; the TTA views are applied by the caller"},
         "output": {"name": OUTPUT, "shape": ["n_folds", "N"], "meaning": "fake logit per fold (sigmoid = P(fake))"},
         "arch": fs.arch, "variant": fs.variant, "head": fs.head, "folds": fs.names,
-        "img_size": size, "img_size_source": fs.size_note(size), "normalisation": normalisation(fs.models[0]),
+        "preprocessing": prep.as_record(),
         "fft": ("exported as the DFT in matrix products (MatmulFrequencyInput): the TorchScript exporter has no "
                 "aten::fft_rfft2") if any(isinstance(m, FrequencyInput) for m in fs.models[0].modules()) else None,
-        "tta": ",".join(views), "tta_source": tta_src, "crop": crop,
         "threshold": threshold, "threshold_source": th_note,
         "calibration": {"temperature": cal.temperature, "band": cal.band, "threshold": cal.threshold, "note": cal.note},
         "folds_digest": fs.digest(), "weights_dir": str(Path(opts.weights_dir).resolve()), "prefix": opts.prefix,

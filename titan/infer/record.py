@@ -87,6 +87,16 @@ class Preprocessing:
             out[k] = list(v) if isinstance(v, tuple) else v
         return out
 
+    def as_record(self) -> dict[str, Any]:
+        """Every value (recorded or default) as plain types, with ``recorded`` and where each came
+        from (``sources``): what a consumer applies, as serve's /v1/model and export's sidecar give it."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name not in ("recorded", "sources"):
+                v = getattr(self, f.name)
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return {**out, "recorded": sorted(self.recorded), "sources": dict(self.sources)}
+
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "Preprocessing":
         """A fold's record from its meta: the ``"preprocessing"`` dict, else (older folds) the

@@ -20,6 +20,7 @@ from ..config import ScriptOptions, option
 from ..runfiles import DEFAULT_PREFIX, TEST_FACES
 from ..data.images import ImageDecodeError, ImageIndex, square_resize, to_chw_uint8, decode_image
 from ..data.faces import DEFAULT_MARGIN, DEFAULT_MAX_SIDE, DEFAULT_MIN_PROB
+from ..models.archs import for_inference
 from .folds import Fold, FoldSet
 from .record import CROP, Preprocessing
 from .tta import DEFAULT_TTA, TTA_HELP
@@ -30,6 +31,9 @@ from ..device import halved, is_oom, release_memory, resolve_device
 log = logging.getLogger("titan")
 
 OK, RECROPPED, FAILED = 0, 1, 2
+# Faces per forward pass on CPU: a batch of 32 at 128 px holds ~50 MB per activation of
+# EfficientNet-Lite0 and runs ~1.5× slower per face than 16 (out of cache); docs/export.md.
+CPU_CHUNK = 16
 
 
 class ImagesToScore(Dataset):
@@ -88,7 +92,8 @@ class ResilientPredictor:
     dead: set[int] = field(default_factory=set)  # folds whose forward raised: NaN from then on
 
     def __post_init__(self) -> None:
-        self.on_device = self._move(self.device)
+        self.on_device = self._move(self.device)  # the models as trained (Grad-CAM hooks these)
+        self.scoring = [for_inference(m) for m in self.on_device]  # their fastest eval-only form
 
     def _move(self, device: torch.device) -> list[torch.nn.Module]:
         if device.type == "cpu":
@@ -105,6 +110,7 @@ class ResilientPredictor:
         self.notes.append(f"device: {why}; continued on CPU")
         log.warning("%s; continuing on CPU", why)
         self.device, self.on_device = torch.device("cpu"), self.models
+        self.scoring = [for_inference(m) for m in self.models]
 
     def _shrink(self, error_name: str) -> None:
         release_memory(self.device)
@@ -114,7 +120,8 @@ class ResilientPredictor:
         self.batch_size = new
 
     def _predict(self, x: torch.Tensor, ks: Sequence[int]) -> np.ndarray:
-        return predict_batches([self.on_device[k] for k in ks], [x], self.device, self.views, amp=self.amp)
+        parts = x.split(CPU_CHUNK) if self.device.type == "cpu" else [x]
+        return predict_batches([self.scoring[k] for k in ks], parts, self.device, self.views, amp=self.amp)
 
     def _find_broken(self, x: torch.Tensor) -> bool:
         """After an error that is neither OOM nor CUDA: retire the folds that fail on their own."""
@@ -251,8 +258,9 @@ def score_batches(predictor: ResilientPredictor, loader, n: int, progress: bool 
 
 
 @dataclass
-class EnsembleOptions(ScriptOptions):
-    """The flags of every script that runs a training run's fold ensemble (scoring, detection)."""
+class FoldSetFlags:
+    """Which folds and the preprocessing flags checked against their record: every script that
+    runs or exports a training run's fold ensemble (``EnsembleOptions``, export.py)."""
 
     weights_dir: str = option(".", "folder holding the fold weights (a training run's folder)")
     prefix: str = option(DEFAULT_PREFIX, "fold file prefix: v42 (ours) or titan (V38 release)")
@@ -261,16 +269,22 @@ class EnsembleOptions(ScriptOptions):
                                               "contradict the folds' preprocessing record (logged)",
                                        aliases=("--force-img-size",))
     tta: str = option("", f"{TTA_HELP}; empty = the folds' record (the run's --tta), else {DEFAULT_TTA}")
+
+    def resolve(self, fs: FoldSet, say: Callable[[str], None] = log.info) -> Preprocessing:
+        """These flags against the folds' preprocessing record (``FoldSet.resolve``); the crop flags
+        where the script has them (``CropFlags``)."""
+        crop = {k: getattr(self, k) for k in CROP if hasattr(self, k)}
+        return fs.resolve(img_size=self.img_size, tta=self.tta, force=self.force_preprocessing, say=say, **crop)
+
+
+@dataclass
+class EnsembleOptions(FoldSetFlags, ScriptOptions):
+    """The flags of every script that runs a training run's fold ensemble (scoring, detection)."""
+
     batch_size: int = option(32, "faces per forward pass (halved on OOM)")
     device: str = option("auto", "auto (CUDA if present), cuda, cuda:1, cpu")
     amp: bool = option(True, "CUDA autocast (--no-amp: off)")
     progress: bool = option(True, "the progress bar (--no-progress: hidden)")
-
-
-    def resolve(self, fs: FoldSet, say: Callable[[str], None] = log.info) -> Preprocessing:
-        """These flags against the folds' preprocessing record (``FoldSet.resolve``)."""
-        crop = {k: getattr(self, k) for k in CROP if hasattr(self, k)}
-        return fs.resolve(img_size=self.img_size, tta=self.tta, force=self.force_preprocessing, say=say, **crop)
 
 
 @dataclass

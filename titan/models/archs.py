@@ -26,7 +26,7 @@ from .clip_weights import load_clip_weights, load_offline_clip
 from ..checkpoints import CheckpointError, load_into, load_state_dict
 from .convnextv2 import VARIANTS, build_backbone
 from .frequency import INPUTS
-from .efficientnet_lite import LITE0_ARCHS, EfficientNetLite0, load_lite0_weights, packaged_weights_path
+from .efficientnet_lite import LITE0_ARCHS, EfficientNetLite0, lite0_for_inference, load_lite0_weights, packaged_weights_path
 from .timm_convnextv2 import is_timm_convnextv2, map_timm_convnextv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -291,3 +291,14 @@ def load_init_weights(body: nn.Module, arch: Arch, path: str | os.PathLike) -> s
         return f"{arch.name}: EfficientNet-Lite0 weights from {path}"
     left = load_imagenet_weights(body, path)
     return f"{arch.name}: ImageNet features from {path}; {len(left)} tensor(s) keep their initial values (e.g. FPN/CBAM)"
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """A fold model (``FoldModel``) in its fastest eval-only form, the same logits up to float
+    rounding: EfficientNet-Lite0 with its BatchNorms folded (``lite0_for_inference``), a copy;
+    every other architecture is returned as it is (nothing to fold: LayerNorm, or not measured)."""
+    from .classifier import FoldModel
+
+    if isinstance(model, FoldModel) and isinstance(model.backbone, EfficientNetLite0):
+        return FoldModel(lite0_for_inference(model.backbone), model.head).eval()
+    return model

@@ -62,8 +62,11 @@ class EfficientNetLite0(nn.Module):
         del net._fc, net._dropout  # our head replaces the ImageNet classifier
         self.net = net
         self.num_features = 1280
+        self.channels_last = False  # lite0_for_inference: NHWC activations (faster convolutions on CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.preproc(x)
         return self.net.extract_features(x).mean(dim=(2, 3))  # (B,1280,h,w) → (B,1280)
 
@@ -103,3 +106,51 @@ def load_lite0_weights(body: EfficientNetLite0, path: str | os.PathLike) -> list
                               f"wrong shape {wrong[:5]}, unknown {unknown[:5]}, missing {missing[:5]}")
     body.net.load_state_dict(sd)
     return []
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm into the convolution before it (the conv gains a bias); the
+    caller replaces ``bn`` by an identity. What ONNX Runtime does to the exported graph."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+
+
+def _conv_padding(conv: nn.Conv2d) -> None:
+    """TF "same" padding that is symmetric moves into the convolution (no padded copy of the input
+    per layer); asymmetric padding (stride 2 on even sizes) stays a ZeroPad2d."""
+    pad = getattr(conv, "static_padding", None)
+    if isinstance(pad, nn.ZeroPad2d):
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom:
+            conv.padding, conv.static_padding = (top, left), nn.Identity()
+
+
+def lite0_for_inference(body: EfficientNetLite0) -> EfficientNetLite0:
+    """An eval-only copy of ``body`` that computes the same features faster on CPU: every BatchNorm
+    folded into its convolution, symmetric padding inside the convolutions, ReLU6 in place, NHWC
+    activations. Measured at 128 px on one CPU thread (docs/export.md): the model as trained spent
+    about half its time outside the convolutions (BatchNorm, padding copies, NCHW↔blocked
+    reorders); this form scores about 2.5× the faces per second. Not for training or Grad-CAM."""
+    import copy
+
+    body = copy.deepcopy(body).eval()
+    net = body.net
+    pairs = [(net._conv_stem, net, "_bn0"), (net._conv_head, net, "_bn1")]
+    for block in net._blocks:
+        if block._block_args.expand_ratio != 1:
+            pairs.append((block._expand_conv, block, "_bn0"))
+        pairs += [(block._depthwise_conv, block, "_bn1"), (block._project_conv, block, "_bn2")]
+    for conv, owner, bn_name in pairs:
+        fold_batchnorm(conv, getattr(owner, bn_name))
+        setattr(owner, bn_name, nn.Identity())
+        _conv_padding(conv)
+    for m in body.modules():
+        if isinstance(m, nn.ReLU6):
+            m.inplace = True
+    for p in body.parameters():
+        p.requires_grad_(False)
+    body.channels_last = True
+    return body.to(memory_format=torch.channels_last)

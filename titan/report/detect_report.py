@@ -124,8 +124,7 @@ class Explainer:
     """Grad-CAM overlays of the faces an input is judged by, for the class each was called."""
 
     def __init__(self, detector: Detector, batch_size: int = 8) -> None:
-        self.models = detector.predictor.on_device
-        self.device = detector.predictor.device
+        self.models, self.device = detector.fold_models  # PyTorch's, whichever engine scores
         self.batch_size = batch_size
         self.arch = detector.folds.arch  # its registry entry names the layer Grad-CAM explains
 

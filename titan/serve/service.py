@@ -386,11 +386,8 @@ class Batcher:
 def preprocessing_record(det: Detector) -> dict:
     """What is done to an upload before the model sees it: the folds' preprocessing record as the
     detector resolved it (``titan.infer.record``), with where each value came from."""
-    fs, prep = det.folds, det.prep
-    return {"arch": fs.arch, "variant": fs.variant, "head": fs.head, "input": prep.input, "img_size": prep.img_size,
-            "mean": list(prep.mean), "std": list(prep.std), "tta": list(prep.tta), "oof_tta": list(prep.oof_tta),
-            "margin": prep.margin, "min_prob": prep.min_prob, "max_side": prep.max_side,
-            "sources": dict(prep.sources), "recorded": sorted(prep.recorded)}
+    fs = det.folds
+    return {**det.prep.as_record(), "arch": fs.arch, "variant": fs.variant, "head": fs.head}
 
 
 class Service:
@@ -470,5 +467,5 @@ class Service:
                 "folds_left_out": [n for n, _ in det.folds.skipped], "threshold": cal.threshold,
                 "calibrated_threshold": cal.calibrated_cut, "temperature": cal.temperature,
                 "uncertain_band": cal.band, "calibration": cal.note, "digest": self.digest,
-                "preprocessing": preprocessing_record(det), "device": str(det.device),
+                "preprocessing": preprocessing_record(det), "device": str(det.device), "engine": det.engine_info(),
                 "limits": self.limits.as_dict(), "batching": self.batcher.stats(), "degraded": list(det.notes)}
