@@ -1,6 +1,7 @@
 """Tiny fold checkpoints in both released formats, and tiny test-image folders."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def write_v42_folds(folder: Path, n: int = 2, variant: str = "atto", th: float |
                        folder / f"v42_meta_fold{k}.pth")
         models.append((bb, head))
     return models
+
+
+def write_calibrated_run(folder: Path, threshold: float, temperature: float, band: float, size: int = 32) -> Path:
+    """Two atto folds at ``size`` px and a metrics file with the OOF threshold, temperature and band:
+    a run folder as detect.py and serve.py read it."""
+    write_v42_folds(folder, n=2, size=size)
+    (folder / "metrics_v42.json").write_text(json.dumps({
+        "oof": {"threshold": threshold}, "folds": [],
+        "calibration": {"temperature": temperature, "uncertain_band": band, "band_share": 0.1}}))
+    return folder
 
 
 def write_images(folder: Path, values: dict[str, int], size: int = 40) -> None:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from _single_thread import single_thread  # noqa: F401  (autouse fixture)
-from fold_fixtures import write_v42_folds
+from fold_fixtures import write_calibrated_run
 from titan.demo.dataset import FACE_PHOTOS, _rgb
 from titan.infer.calibration import logit_of, sigmoid
 from titan.infer.detect import ROW_COLUMNS, Detector, Source
@@ -30,11 +30,7 @@ TEMPERATURE, BAND, THRESHOLD = 2.0, 0.02, 0.5
 def run_dir(tmp_path_factory) -> Path:
     """Two atto folds at 32 px and a metrics file with the OOF threshold, temperature and band."""
     root = tmp_path_factory.mktemp("detect_run")
-    write_v42_folds(root, n=2, size=32)
-    (root / "metrics_v42.json").write_text(json.dumps({
-        "oof": {"threshold": THRESHOLD}, "folds": [],
-        "calibration": {"temperature": TEMPERATURE, "uncertain_band": BAND, "band_share": 0.1}}))
-    return root
+    return write_calibrated_run(root, THRESHOLD, TEMPERATURE, BAND)
 
 
 @pytest.fixture(scope="module")

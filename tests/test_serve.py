@@ -22,7 +22,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from _single_thread import single_thread  # noqa: E402,F401  (autouse fixture)
-from fold_fixtures import write_v42_folds  # noqa: E402
+from fold_fixtures import write_calibrated_run  # noqa: E402
 from test_detect import write_video  # noqa: E402  (the same generated clip as detect.py's tests)
 from titan.demo.dataset import FACE_PHOTOS, _rgb  # noqa: E402
 from titan.infer.calibration import logit_of, sigmoid  # noqa: E402
@@ -42,11 +42,7 @@ LIMITS = Limits(max_body=3 * 1024 * 1024, max_files=8, max_pixels=4_000_000, max
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve_run")
-    write_v42_folds(root, n=2, size=32)
-    (root / "metrics_v42.json").write_text(json.dumps({
-        "oof": {"threshold": THRESHOLD}, "folds": [],
-        "calibration": {"temperature": TEMPERATURE, "uncertain_band": BAND, "band_share": 0.1}}))
-    return root
+    return write_calibrated_run(root, THRESHOLD, TEMPERATURE, BAND)
 
 
 @pytest.fixture(scope="module")
