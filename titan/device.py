@@ -131,6 +131,17 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def trim_host_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``): a long-lived server that decodes
+    in many threads otherwise keeps every arena's high-water mark. False where there is no glibc."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def halved(batch: int, multiple_of: int | None = None) -> int:
     """The next batch to try after an OOM: half (at least 1); with ``multiple_of``, the largest
     divisor of it not above half, so that batch × accumulation can stay exactly ``multiple_of``."""
