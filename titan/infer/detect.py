@@ -375,21 +375,23 @@ class Detector:
         # and a face spanning a quarter of the photo still crops at the model's full resolution.
         self.decode_side = max(self.prep.max_side, 4 * max(p.img_size for p in preps))
         self.face_detector = FaceDetector(self.device, None, max_side=self.prep.max_side, min_prob=self.prep.min_prob)
-        self.members = [_Member(m, p, len(m.folds) + len(m.skipped),  # the run's folds, loaded or not
-                                ResilientPredictor([f.model.eval() for f in m.folds], m.names, self.device, list(p.tta),
-                                                   max(1, batch_size), amp, self.notes))
-                        for m, p in zip(members, preps)]
         self.engine = engine
-        if engine == "onnx":
-            fs = members[0]
-            path = Path(onnx) if onnx else fs.run.ensemble_onnx if fs.run is not None else None
-            if path is None:
-                raise DetectError("--engine onnx: name the exported graph with --onnx PATH (export.py writes it)")
-            try:
-                self.members[0].predictor = OnnxEnsemble.for_folds(path, fs, self.prep, batch_size=max(1, batch_size))
-            except OnnxEngineError as e:
-                raise DetectError(str(e)) from None
+        predictors = ([self._onnx_predictor(members[0], onnx, batch_size)] if engine == "onnx" else
+                      [ResilientPredictor([f.model.eval() for f in m.folds], m.names, self.device, list(p.tta),
+                                          max(1, batch_size), amp, self.notes) for m, p in zip(members, preps)])
+        self.members = [_Member(m, p, len(m.folds) + len(m.skipped), pred)  # the run's folds, loaded or not
+                        for m, p, pred in zip(members, preps, predictors)]
         self.predictor = self.members[0].predictor
+
+    def _onnx_predictor(self, fs: FoldSet, onnx: str | os.PathLike, batch_size: int) -> OnnxEnsemble:
+        """--engine onnx: the folds' export (``--onnx``, else the run folder's), checked against them."""
+        path = Path(onnx) if onnx else fs.run.ensemble_onnx if fs.run is not None else None
+        if path is None:
+            raise DetectError("--engine onnx: name the exported graph with --onnx PATH (export.py writes it)")
+        try:
+            return OnnxEnsemble.for_folds(path, fs, self.prep, batch_size=max(1, batch_size))
+        except OnnxEngineError as e:
+            raise DetectError(str(e)) from None
 
     @property
     def fold_models(self) -> tuple[list[torch.nn.Module], torch.device]:
